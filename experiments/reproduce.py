@@ -1,0 +1,24 @@
+"""Entry point of the main job; see configs/reproduce.py for the command."""
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from research import reproduce
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/reproduce.py", "Experiment config.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Overrides config.workdir.")
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  results = reproduce.run(config, _WORKDIR.value or config.workdir)
+  print(reproduce.format_tables(results))
+  print(f"\nwall time {results['wall_time_s']:.0f} s; wrote {results['results_path']}")
+  for name, path in results["figures"].items():
+    print(f"figure {name}: {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

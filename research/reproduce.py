@@ -1,0 +1,158 @@
+"""The main job: fine-tune per task (standard / linear), edit with task vectors, evaluate.
+
+`run(config, workdir)` is the whole pipeline of the tangent-space paper in
+miniature: zero-shot heads, fine-tuning per task and mode (resumable Orbax
+checkpoints), single-task / task-addition / task-negation accuracy for the
+`standard`, `linear` and `posthoc` modes, weight disentanglement heatmaps, and
+`results.json` + figures in `workdir`.
+"""
+import json
+import os
+import time
+
+import numpy as np
+from absl import logging
+
+from research import data as data_lib
+from research import evaluate
+from research import figures
+from research import task_vectors
+from research import train
+from research.models import heads
+from research.models import minilm
+
+# Evaluation mode -> the fine-tuning mode whose task vectors it uses.
+TAU_SOURCE = {"standard": "standard", "linear": "linear", "posthoc": "standard"}
+
+
+def _labeled(tokenizer, split, head, max_len):
+  texts, labels = split
+  return evaluate.LabeledSet(tokenizer.tokenize(texts, max_len),
+                             np.asarray(labels), head)
+
+
+def _prepare(config):
+  """Model, heads and tokenized splits for every task and the control task."""
+  model, tokenizer = minilm.load_minilm(config.model.path or None)
+  apply_fn, params0 = minilm.split_model(model)
+  embed_texts = minilm.text_embedder(apply_fn, params0, tokenizer,
+                                     max_len=config.model.max_len)
+  sizes = dict(n_train=config.data.n_train, n_val=config.data.n_val,
+               n_test=config.data.n_test)
+  tasks = {name: data_lib.load_task(name, seed=config.seed, **sizes)
+           for name in (*config.data.tasks, config.data.control_task)}
+  sets = {}
+  for name, task in tasks.items():
+    head = heads.zeroshot_head(embed_texts, task.class_names, task.templates)
+    sets[name] = {split: _labeled(tokenizer, getattr(task, split), head,
+                                  config.model.max_len)
+                  for split in ("train", "val", "test")}
+  return apply_fn, params0, sets
+
+
+def _finetune_all(config, workdir, apply_fn, params0, sets):
+  """{mode: {task: tau}}; each run restores from its checkpoint when finished."""
+  taus = {}
+  for mode in config.train.modes:
+    taus[mode] = {}
+    for t in config.data.tasks:
+      train_set = sets[t]["train"]
+      params = train.finetune(
+          apply_fn, params0, train_set.head, train_set.inputs, train_set.labels,
+          mode=mode, config=config.train, seed=config.seed,
+          temperature=config.model.temperature,
+          checkpoint_dir=os.path.join(workdir, "checkpoints", mode, t))
+      taus[mode][t] = task_vectors.task_vector(params, params0)
+      logging.info("fine-tuned %s / %s", mode, t)
+  return taus
+
+
+def _evaluate_all(config, ev, taus, sets):
+  tasks, control = list(config.data.tasks), config.data.control_task
+  val = {t: sets[t]["val"] for t in tasks}
+  test = {t: sets[t]["test"] for t in tasks}
+  alphas = np.linspace(0.0, 1.0, config.eval.num_alphas)
+  zs_control_val = ev.zeroshot_accuracy(sets[control]["val"])
+  results = {
+      "zeroshot": {t: ev.zeroshot_accuracy(test[t]) for t in tasks},
+      "zeroshot_control": ev.zeroshot_accuracy(sets[control]["test"]),
+      "single_task": {}, "task_addition": {}, "task_negation": {},
+  }
+  modes = [m for m in evaluate.EVAL_MODES if TAU_SOURCE[m] in taus]
+  for mode in modes:
+    mode_taus = taus[TAU_SOURCE[mode]]
+    single_val = evaluate.single_task(ev, mode, mode_taus, val)
+    single_test = evaluate.single_task(ev, mode, mode_taus, test)
+    results["single_task"][mode] = single_test
+    results["task_addition"][mode] = evaluate.task_addition(
+        ev, mode, mode_taus, val, test, alphas, single_val, single_test)
+    results["task_negation"][mode] = evaluate.task_negation(
+        ev, mode, mode_taus, val, test, sets[control]["val"], sets[control]["test"],
+        alphas, zs_control_val, config.eval.control_ratio)
+    logging.info("evaluated %s", mode)
+
+  n = config.eval.disentangle_examples
+  grid = np.linspace(-config.eval.disentangle_max_alpha,
+                     config.eval.disentangle_max_alpha, config.eval.disentangle_grid)
+  results["disentanglement"] = {}
+  for mode in config.train.modes:
+    pairs = {}
+    for a, b in config.eval.disentangle_pairs:
+      subset = lambda s: evaluate.LabeledSet(
+          {k: v[:n] for k, v in s.inputs.items()}, s.labels[:n], s.head)
+      xi = evaluate.disentanglement(ev, mode, taus[mode][a], taus[mode][b],
+                                    subset(val[a]), subset(val[b]), grid)
+      pairs[f"{a}+{b}"] = {"xi": xi.tolist(), "mean": float(xi.mean())}
+    results["disentanglement"][mode] = {"alphas": grid.tolist(), "pairs": pairs}
+  return results
+
+
+def format_tables(results) -> str:
+  """The paper's two tables as text."""
+  lines = ["Task addition (test accuracy, %; alpha chosen on validation)",
+           f"{'method':<12}{'alpha':>7}{'absolute':>10}{'normalized':>12}",
+           f"{'zero-shot':<12}{'':>7}{100 * np.mean(list(results['zeroshot'].values())):>10.1f}{'':>12}"]
+  for mode, r in results["task_addition"].items():
+    lines.append(f"{mode:<12}{r['alpha']:>7.2f}{100 * r['absolute']['avg']:>10.1f}"
+                 f"{100 * r['normalized']['avg']:>12.1f}")
+  lines += ["", "Task negation (test accuracy, %; control >= "
+            f"{results['control_ratio']:.2f} x zero-shot on validation)",
+            f"{'method':<12}{'target':>8}{'control':>9}",
+            f"{'zero-shot':<12}{100 * np.mean(list(results['zeroshot'].values())):>8.1f}"
+            f"{100 * results['zeroshot_control']:>9.1f}"]
+  for mode, r in results["task_negation"].items():
+    lines.append(f"{mode:<12}{100 * r['target']['avg']:>8.1f}{100 * r['control']['avg']:>9.1f}")
+  lines += ["", "Single-task fine-tuned accuracy (test, %)"]
+  for mode, r in results["single_task"].items():
+    per_task = " ".join(f"{t}={100 * a:.1f}" for t, a in r.items())
+    lines.append(f"{mode:<12}{100 * np.mean(list(r.values())):>6.1f}  {per_task}")
+  lines += ["", "Weight disentanglement error (mean over the alpha grid, lower is better)"]
+  for mode, r in results["disentanglement"].items():
+    lines.append(f"{mode:<12}" + " ".join(f"{p}={v['mean']:.3f}" for p, v in r["pairs"].items()))
+  return "\n".join(lines)
+
+
+def run(config, workdir: str) -> dict:
+  """Runs the whole reproduction; returns the results dict written to results.json."""
+  start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  apply_fn, params0, sets = _prepare(config)
+  taus = _finetune_all(config, workdir, apply_fn, params0, sets)
+  ev = evaluate.FamilyEvaluator(apply_fn, params0, batch_size=config.eval.batch_size)
+  results = {"tasks": list(config.data.tasks), "control_task": config.data.control_task,
+             "control_ratio": config.eval.control_ratio, "preset": config.preset,
+             "seed": config.seed}
+  results.update(_evaluate_all(config, ev, taus, sets))
+  results["wall_time_s"] = time.time() - start
+  results["figures"] = {
+      "disentanglement": figures.disentanglement_heatmaps(
+          results["disentanglement"], os.path.join(workdir, "disentanglement.png")),
+      "accuracy": figures.accuracy_bars(results, os.path.join(workdir, "accuracy.png")),
+  }
+  path = os.path.join(workdir, "results.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:  # Write then rename: a kill never leaves half a file.
+    json.dump(results, f, indent=2)
+  os.replace(tmp, path)
+  results["results_path"] = path
+  return results
