@@ -110,30 +110,29 @@ def finetune(apply_fn, params0, head, inputs, labels, *, mode, config,
   if mode not in FINETUNE_MODES:
     raise ValueError(f"Unknown fine-tuning mode {mode!r}; expected one of {FINETUNE_MODES}.")
   optimizer = make_optimizer(config)
-  manager = checkpoints.Checkpointer(checkpoint_dir, max_to_keep=1)
-  state = TrainState(jnp.zeros((), jnp.int32), params0, optimizer.init(params0))
-  latest = manager.latest_step()
-  if latest is not None:
-    state, _ = manager.restore(latest, target=state)
-    if latest >= config.steps:
+  with checkpoints.Checkpointer(checkpoint_dir, max_to_keep=1) as manager:
+    # A copy: the step donates its state, and params0 must outlive training.
+    params = jax.tree.map(jnp.copy, params0)
+    state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    latest = manager.latest_step()
+    if latest is not None:  # Resume (or skip) from the last complete checkpoint.
+      state, _ = manager.restore(latest, target=state)
+    if int(state.step) >= config.steps:
       return state.params
-
-  plan = batch_plan(len(labels), config.batch_size, config.steps, seed)
-  step_fn = jax.jit(make_train_step(apply_fn, mode, optimizer, temperature),
-                    donate_argnums=0)
-  start = int(state.step)
-  bar = tqdm.tqdm(range(start, config.steps), desc=f"fine-tune {mode}",
-                  disable=not progress, leave=False, initial=start, total=config.steps)
-  for i in bar:
-    idx = plan[i]
-    batch = {k: v[idx] for k, v in inputs.items()}
-    batch["label"] = labels[idx]
-    state, metrics = step_fn(state, params0, head, batch)
-    done = i + 1
-    if done % config.checkpoint_every == 0 or done == config.steps:
-      manager.save(done, state, metadata={"mode": mode, "seed": seed,
-                                          "loss": float(metrics["loss"])})
-    if progress and done % 10 == 0:
-      bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
-  manager.wait()
+    plan = batch_plan(len(labels), config.batch_size, config.steps, seed)
+    step_fn = jax.jit(make_train_step(apply_fn, mode, optimizer, temperature),
+                      donate_argnums=0)
+    start = int(state.step)
+    bar = tqdm.tqdm(range(start, config.steps), desc=f"fine-tune {mode}",
+                    disable=not progress, leave=False, initial=start,
+                    total=config.steps)
+    for i in bar:
+      batch = {k: v[plan[i]] for k, v in inputs.items()}
+      batch["label"] = labels[plan[i]]
+      state, metrics = step_fn(state, params0, head, batch)
+      done = i + 1
+      if done % config.checkpoint_every == 0 or done == config.steps:
+        manager.save(done, state, metadata={"mode": mode, "seed": seed,
+                                            "loss": float(metrics["loss"])})
+      bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", refresh=False)
   return state.params
