@@ -31,7 +31,7 @@ def _labeled(tokenizer, split, head, max_len):
                              np.asarray(labels), head)
 
 
-def _prepare(config):
+def prepare(config):
   """Model, heads and tokenized splits for every task and the control task."""
   model, tokenizer = minilm.load_minilm(config.model.path or None)
   apply_fn, params0 = minilm.split_model(model)
@@ -50,7 +50,7 @@ def _prepare(config):
   return apply_fn, params0, sets
 
 
-def _finetune_all(config, workdir, apply_fn, params0, sets):
+def finetune_all(config, workdir, apply_fn, params0, sets):
   """{mode: {task: tau}}; each run restores from its checkpoint when finished."""
   taus = {}
   for mode in config.train.modes:
@@ -67,7 +67,7 @@ def _finetune_all(config, workdir, apply_fn, params0, sets):
   return taus
 
 
-def _evaluate_all(config, ev, taus, sets):
+def evaluate_all(config, ev, taus, sets):
   tasks, control = list(config.data.tasks), config.data.control_task
   val = {t: sets[t]["val"] for t in tasks}
   test = {t: sets[t]["test"] for t in tasks}
@@ -136,13 +136,13 @@ def run(config, workdir: str) -> dict:
   """Runs the whole reproduction; returns the results dict written to results.json."""
   start = time.time()
   os.makedirs(workdir, exist_ok=True)
-  apply_fn, params0, sets = _prepare(config)
-  taus = _finetune_all(config, workdir, apply_fn, params0, sets)
+  apply_fn, params0, sets = prepare(config)
+  taus = finetune_all(config, workdir, apply_fn, params0, sets)
   ev = evaluate.FamilyEvaluator(apply_fn, params0, batch_size=config.eval.batch_size)
   results = {"tasks": list(config.data.tasks), "control_task": config.data.control_task,
              "control_ratio": config.eval.control_ratio, "preset": config.preset,
              "seed": config.seed}
-  results.update(_evaluate_all(config, ev, taus, sets))
+  results.update(evaluate_all(config, ev, taus, sets))
   results["wall_time_s"] = time.time() - start
   results["figures"] = {
       "disentanglement": figures.disentanglement_heatmaps(
