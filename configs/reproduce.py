@@ -42,8 +42,8 @@ def get_config(arg=None):
   config.model.path = ""
 
   config.data = ml_collections.ConfigDict()
-  config.data.tasks = ("verb_category", "pos", "language", "fortune",
-                       "noun_lemma", "adjective_adverb")
+  config.data.tasks = ("verb_category", "pos", "topic", "fortune_topic",
+                       "fortune_genre", "language")
   config.data.control_task = "noun_category"
   config.data.n_train = p["n_train"]
   config.data.n_val = p["n_val"]
@@ -63,7 +63,7 @@ def get_config(arg=None):
   config.eval.batch_size = 128
   config.eval.num_alphas = 21  # linspace(0, 1, 21), as in the paper.
   config.eval.control_ratio = 0.95
-  config.eval.disentangle_pairs = (("verb_category", "language"),)
+  config.eval.disentangle_pairs = (("topic", "language"),)
   config.eval.disentangle_max_alpha = 3.0
   config.eval.disentangle_grid = p["grid"]
   config.eval.disentangle_examples = p["disentangle_examples"]
