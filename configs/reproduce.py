@@ -15,13 +15,12 @@ import ml_collections
 from configs import common
 
 PRESETS = {
-    # name: (n_train, n_val, n_test, steps, batch_size, warmup, disentangle grid, n_disentangle)
     "tiny": dict(n_train=32, n_val=16, n_test=16, steps=2, batch_size=8,
-                 warmup_steps=1, grid=3, disentangle_examples=8, max_len=16),
+                 warmup_steps=1, grid=3, disentangle_examples=8, max_len=16, eval_batch_size=16),
     "quick": dict(n_train=1024, n_val=96, n_test=256, steps=48, batch_size=32,
-                  warmup_steps=5, grid=7, disentangle_examples=64, max_len=32),
+                  warmup_steps=5, grid=7, disentangle_examples=64, max_len=32, eval_batch_size=128),
     "full": dict(n_train=4096, n_val=256, n_test=1024, steps=300, batch_size=32,
-                 warmup_steps=30, grid=13, disentangle_examples=256, max_len=32),
+                 warmup_steps=30, grid=13, disentangle_examples=256, max_len=32, eval_batch_size=128),
 }
 
 
@@ -60,7 +59,7 @@ def get_config(arg=None):
   config.train.checkpoint_every = 25
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.batch_size = 128
+  config.eval.batch_size = p["eval_batch_size"]
   config.eval.num_alphas = 21  # linspace(0, 1, 21), as in the paper.
   config.eval.control_ratio = 0.95
   config.eval.disentangle_pairs = (("topic", "language"),)
@@ -68,3 +67,11 @@ def get_config(arg=None):
   config.eval.disentangle_grid = p["grid"]
   config.eval.disentangle_examples = p["disentangle_examples"]
   return config
+
+
+def get_sweep(h):
+  """Learning rate x seed grid (Scenic-style; `h` is research.sweep).
+
+  python -m launch.sweep --config=configs/reproduce.py:quick --target=local --dry_run
+  """
+  return h.product(h.sweep("train.lr", [3e-5, 1e-4, 3e-4]), h.sweep("seed", [0, 1]))

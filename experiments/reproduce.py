@@ -1,6 +1,7 @@
 """Entry point of the main job; see configs/reproduce.py for the command."""
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from research import reproduce
@@ -12,6 +13,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Overrides config.workdir.")
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   config = _CONFIG.value
   results = reproduce.run(config, _WORKDIR.value or config.workdir)
   print(reproduce.format_tables(results))
