@@ -35,3 +35,25 @@ test: venv data
 bench: venv
 	$(PY) -m benchmarks.merge_throughput
 	$(PY) -m benchmarks.tangent_cost
+
+# CLIP parity with open_clip (research/models/CLIP.md): builds .venv-parity (torch + torchvision from this
+# machine's disk, open-clip-torch, and this package pinned to .venv's versions), then runs tests/parity.
+# Figures go to results/parity/clip_parity.json. Not part of `make test`.
+PARITY_VENV := .venv-parity
+PARITY_PY := $(PARITY_VENV)/bin/python
+# The torch builds that install from this machine's disk (shared/DATA.md); pinned again with
+# open-clip-torch so that it cannot pull a newer torch.
+TORCH_PINS := $(if $(filter aarch64,$(shell uname -m)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)
+
+$(PARITY_VENV)/.installed: setup.py $(VENV)/.installed
+	test -x $(PARITY_PY) || $(PYTHON) -m venv $(PARITY_VENV)
+	$(PARITY_PY) -m pip install -q $(TORCH_PINS)
+	$(PARITY_PY) -m pip install -q open-clip-torch $(TORCH_PINS)
+	$(PY) -m pip freeze --exclude-editable | grep -v ' @ ' > $(PARITY_VENV)/constraints.txt
+	$(PARITY_PY) -m pip install -q -e '.[test]' -c $(PARITY_VENV)/constraints.txt
+	$(PARITY_PY) -c "import torch, open_clip, jax; print('parity venv: torch', torch.__version__, 'open_clip', open_clip.__version__, 'jax', jax.__version__)"
+	touch $@
+
+.PHONY: parity
+parity: venv $(PARITY_VENV)/.installed
+	CLIP_PARITY=1 $(PARITY_PY) -m pytest -q -s -p no:xdist tests/parity
