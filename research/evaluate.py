@@ -32,18 +32,34 @@ class LabeledSet:
   head: Any  # [C, D]
 
 
+def _bucket(n: int, cap: int, smallest: int = 8) -> int:
+  """The smallest power of two >= n (at least `smallest`), capped at `cap`."""
+  return min(cap, max(smallest, 1 << (int(n) - 1).bit_length()))
+
+
 def _batched(fn, inputs, batch_size):
-  """Applies `fn(batch_inputs) -> array [..., b, D]` over fixed-size padded batches."""
-  n = len(next(iter(inputs.values())))
+  """Applies `fn(batch) -> [..., b, D]` over batches of `inputs`; returns [..., N, D].
+
+  Examples are batched in order of length and each batch is cut to a
+  power-of-two number of tokens and rows: right padding is masked out, so the
+  result is exact, and a handful of shapes keeps recompilation rare while
+  short inputs (single words, glosses) cost a fraction of `max_len`.
+  """
+  mask = inputs["attention_mask"]
+  n, max_len = mask.shape
+  lengths = mask.sum(1)
+  order = np.argsort(lengths, kind="stable")
   outs = []
   for start in range(0, n, batch_size):
-    batch = {k: v[start:start + batch_size] for k, v in inputs.items()}
-    size = len(next(iter(batch.values())))
-    if size < batch_size:  # Pad so every call reuses one compiled program.
-      batch = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - size, 0)])
-               for k, v in batch.items()}
-    outs.append(np.asarray(fn(batch))[..., :size, :])
-  return np.concatenate(outs, axis=-2)
+    idx = order[start:start + batch_size]
+    rows = _bucket(len(idx), batch_size, smallest=1)
+    idx = np.concatenate([idx, np.repeat(idx[-1:], rows - len(idx))])
+    width = _bucket(lengths[idx].max(), max_len)
+    batch = {k: v[idx, :width] for k, v in inputs.items()}
+    outs.append(np.asarray(fn(batch))[..., :min(batch_size, n - start), :])
+  out = np.empty_like(np.concatenate(outs, axis=-2))
+  out[..., order, :] = np.concatenate(outs, axis=-2)
+  return out
 
 
 class FamilyEvaluator:

@@ -11,7 +11,7 @@ import os
 import time
 
 import numpy as np
-from absl import logging
+import tqdm
 
 from research import data as data_lib
 from research import evaluate
@@ -63,7 +63,6 @@ def finetune_all(config, workdir, apply_fn, params0, sets):
           temperature=config.model.temperature,
           checkpoint_dir=os.path.join(workdir, "checkpoints", mode, t))
       taus[mode][t] = task_vectors.task_vector(params, params0)
-      logging.info("fine-tuned %s / %s", mode, t)
   return taus
 
 
@@ -79,7 +78,7 @@ def evaluate_all(config, ev, taus, sets):
       "single_task": {}, "task_addition": {}, "task_negation": {},
   }
   modes = [m for m in evaluate.EVAL_MODES if TAU_SOURCE[m] in taus]
-  for mode in modes:
+  for mode in tqdm.tqdm(modes, desc="evaluate", leave=False):
     mode_taus = taus[TAU_SOURCE[mode]]
     single_val = evaluate.single_task(ev, mode, mode_taus, val)
     single_test = evaluate.single_task(ev, mode, mode_taus, test)
@@ -89,13 +88,12 @@ def evaluate_all(config, ev, taus, sets):
     results["task_negation"][mode] = evaluate.task_negation(
         ev, mode, mode_taus, val, test, sets[control]["val"], sets[control]["test"],
         alphas, zs_control_val, config.eval.control_ratio)
-    logging.info("evaluated %s", mode)
 
   n = config.eval.disentangle_examples
   grid = np.linspace(-config.eval.disentangle_max_alpha,
                      config.eval.disentangle_max_alpha, config.eval.disentangle_grid)
   results["disentanglement"] = {}
-  for mode in config.train.modes:
+  for mode in tqdm.tqdm(config.train.modes, desc="disentanglement", leave=False):
     pairs = {}
     for a, b in config.eval.disentangle_pairs:
       subset = lambda s: evaluate.LabeledSet(

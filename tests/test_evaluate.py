@@ -119,3 +119,13 @@ def test_disentanglement_error_hand_case():
   # Joint predictions [[0, 1], [1, 1]]; solo a: [0, 1] by row, solo b: [0, 1] by
   # column. Task a disagrees at (0, 1), task b at (1, 0).
   np.testing.assert_array_equal(xi, [[0, 1], [1, 0]])
+
+
+def test_length_bucketed_batches_equal_one_full_batch():
+  params0 = _params(0)
+  inputs = _inputs(21, seed=3)  # Mixed lengths, 21 = 2 x 8 + 5 rows.
+  inputs = {k: np.pad(v, ((0, 0), (0, 11))) for k, v in inputs.items()}  # Long right padding.
+  ev = evaluate.FamilyEvaluator(tanh_bag, params0, batch_size=8)
+  got = ev.embeddings("standard", [_params(1)], [[0.0]], inputs)[0]
+  want = tanh_bag(params0, inputs["input_ids"], inputs["attention_mask"])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
