@@ -48,7 +48,7 @@ def accuracy_bars(results: dict, path: str) -> str:
   ax.set_xticks(x, tasks, rotation=20)
   ax.set_ylabel("test accuracy")
   ax.set_ylim(0, 1)
-  ax.legend(fontsize=7, ncol=2)
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
