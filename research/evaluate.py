@@ -134,7 +134,7 @@ def task_addition(ev, mode, taus: dict, val: dict, test: dict, alphas,
   val_acc = {t: ev.accuracy(mode, [total], grid, val[t]) for t in taus}
   normalized = np.mean([val_acc[t] / single_val[t] for t in taus], axis=0)
   best = int(np.argmax(normalized))
-  alpha = float(alphas[best])
+  alpha = round(float(alphas[best]), 6)
   absolute = {t: float(ev.accuracy(mode, [total], [[alpha]], test[t])[0]) for t in taus}
   return {
       "alpha": alpha,
@@ -159,7 +159,7 @@ def task_negation(ev, mode, taus: dict, val: dict, test: dict, control_val,
     # otherwise, in which case fall back to it explicitly.
     candidates = np.where(control_ok)[0]
     best = int(candidates[np.argmin(target_val[candidates])]) if len(candidates) else 0
-    chosen[t] = float(alphas[best])
+    chosen[t] = round(float(alphas[best]), 6)
     target[t] = float(ev.accuracy(mode, [neg], [[chosen[t]]], test[t])[0])
     control[t] = float(ev.accuracy(mode, [neg], [[chosen[t]]], control_test)[0])
   return {"alpha": chosen, "target": _summary(target), "control": _summary(control)}
