@@ -31,6 +31,10 @@ class LabeledSet:
   labels: np.ndarray  # [N]
   head: Any  # [C, D]
 
+  def take(self, n: int) -> "LabeledSet":
+    """The first `n` examples."""
+    return LabeledSet({k: v[:n] for k, v in self.inputs.items()}, self.labels[:n], self.head)
+
 
 def _bucket(n: int, cap: int, smallest: int = 8) -> int:
   """The smallest power of two >= n (at least `smallest`), capped at `cap`."""

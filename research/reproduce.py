@@ -89,20 +89,28 @@ def evaluate_all(config, ev, taus, sets):
         ev, mode, mode_taus, val, test, sets[control]["val"], sets[control]["test"],
         alphas, zs_control_val, config.eval.control_ratio)
 
-  n = config.eval.disentangle_examples
-  grid = np.linspace(-config.eval.disentangle_max_alpha,
-                     config.eval.disentangle_max_alpha, config.eval.disentangle_grid)
-  results["disentanglement"] = {}
+  results["disentanglement"] = disentanglement_all(config, ev, taus, sets)
+  return results
+
+
+def disentangle_grid(config) -> np.ndarray:
+  """The alpha values of each axis of the xi(alpha_1, alpha_2) heatmaps."""
+  return np.linspace(-config.eval.disentangle_max_alpha, config.eval.disentangle_max_alpha,
+                     config.eval.disentangle_grid)
+
+
+def disentanglement_all(config, ev, taus, sets) -> dict:
+  """{mode: {"alphas", "pairs": {"a+b": {"xi", "mean"}}}} on validation subsets."""
+  n, grid = config.eval.disentangle_examples, disentangle_grid(config)
+  out = {}
   for mode in tqdm.tqdm(config.train.modes, desc="disentanglement", leave=False):
     pairs = {}
     for a, b in config.eval.disentangle_pairs:
-      subset = lambda s: evaluate.LabeledSet(
-          {k: v[:n] for k, v in s.inputs.items()}, s.labels[:n], s.head)
       xi = evaluate.disentanglement(ev, mode, taus[mode][a], taus[mode][b],
-                                    subset(val[a]), subset(val[b]), grid)
+                                    sets[a]["val"].take(n), sets[b]["val"].take(n), grid)
       pairs[f"{a}+{b}"] = {"xi": xi.tolist(), "mean": float(xi.mean())}
-    results["disentanglement"][mode] = {"alphas": grid.tolist(), "pairs": pairs}
-  return results
+    out[mode] = {"alphas": grid.tolist(), "pairs": pairs}
+  return out
 
 
 def format_tables(results) -> str:
