@@ -1,0 +1,31 @@
+"""Weight averaging of task vectors (model soups, Wortsman et al. 2022).
+
+  tau = (1 / T) sum_t tau_t
+
+Equivalent to averaging the fine-tuned models themselves. No statistics;
+no buffer beyond the output.
+"""
+from __future__ import annotations
+
+import jax
+
+from research.merging import stacked as stacked_lib
+from research.merging.base import Merge
+from research.merging.registry import register
+
+
+@register("average")
+def average() -> Merge:
+  """Mean of the stacked task vectors over the task axis."""
+
+  def init(stacked, **kwargs):
+    del kwargs
+    stacked_lib.check(stacked)
+    return ()
+
+  def apply(coeffs, stacked):
+    del coeffs
+    stacked_lib.check(stacked)
+    return jax.tree.map(lambda x: stacked_lib.task_mean(x).astype(x.dtype), stacked)
+
+  return Merge(init, apply)
