@@ -4,7 +4,8 @@ Run (what `make reproduce` does):
   python -m experiments.reproduce --config=configs/reproduce.py:quick
 
 Presets: `quick` (the default, ~15 min on a 2-core CPU), `full` (more steps and
-data), `tiny` (seconds; used by the smoke test). Any leaf can be overridden:
+data), `tiny` (seconds; used by the smoke test). `tasks=a+b` picks a subset of
+the tasks (`configs/reproduce.py:tiny,tasks=topic+language`). Any leaf can be overridden:
   python -m experiments.reproduce --config=configs/reproduce.py:quick \
       --config.train.steps=100 --config.workdir=/tmp/run
 It prints the task-addition and task-negation tables and writes
@@ -25,7 +26,7 @@ PRESETS = {
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, preset="quick", seed=0)
+  arg = common.parse_arg(arg, preset="quick", seed=0, tasks="")
   if arg.preset not in PRESETS:
     raise ValueError(f"Unknown preset {arg.preset!r}; choose one of {sorted(PRESETS)}.")
   p = PRESETS[arg.preset]
@@ -41,8 +42,8 @@ def get_config(arg=None):
   config.model.path = ""
 
   config.data = ml_collections.ConfigDict()
-  config.data.tasks = ("verb_category", "pos", "topic", "fortune_topic",
-                       "fortune_genre", "language")
+  config.data.tasks = tuple(filter(None, arg.tasks.split("+"))) or (
+      "verb_category", "pos", "topic", "fortune_topic", "fortune_genre", "language")
   config.data.control_task = "noun_category"
   config.data.n_train = p["n_train"]
   config.data.n_val = p["n_val"]
@@ -62,7 +63,9 @@ def get_config(arg=None):
   config.eval.batch_size = p["eval_batch_size"]
   config.eval.num_alphas = 21  # linspace(0, 1, 21), as in the paper.
   config.eval.control_ratio = 0.95
-  config.eval.disentangle_pairs = (("topic", "language"),)
+  pair = ("topic", "language")
+  config.eval.disentangle_pairs = (
+      pair if set(pair) <= set(config.data.tasks) else config.data.tasks[:2],)
   config.eval.disentangle_max_alpha = 3.0
   config.eval.disentangle_grid = p["grid"]
   config.eval.disentangle_examples = p["disentangle_examples"]

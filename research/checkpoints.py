@@ -78,7 +78,8 @@ class Checkpointer:
 
   def __init__(self, directory: os.PathLike | str, *, max_to_keep: Optional[int] = None,
                async_save: bool = True, read_only: bool = False, cleanup_tmp: bool = False):
-    self._directory = epath.Path(directory)
+    # Orbax needs absolute paths; workdirs in configs are relative to the repo.
+    self._directory = epath.Path(os.path.abspath(directory))
     if read_only and not self._directory.exists():
       raise FileNotFoundError(
           f"Checkpoint directory {self._directory} does not exist; check the path "
@@ -257,7 +258,7 @@ def restore_leaves(directory: os.PathLike | str, step: Optional[int], paths: Ite
   item = jax.tree.map(lambda t: t[0], pairs, is_leaf=is_pair)
   restore_args = jax.tree.map(lambda t: t[1], pairs, is_leaf=is_pair)
   # PyTreeRestore reads StandardSave's on-disk format and accepts placeholders.
-  reader = _manager(epath.Path(directory), ocp.CheckpointManagerOptions(create=False),
+  reader = _manager(epath.Path(os.path.abspath(directory)), ocp.CheckpointManagerOptions(create=False),
                     ocp.PyTreeCheckpointHandler())
   try:
     args = ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(item=item, restore_args=restore_args)})

@@ -14,6 +14,7 @@ import numpy as np
 import tqdm
 
 from research import data as data_lib
+from research import distributed
 from research import evaluate
 from research import figures
 from research import task_vectors
@@ -150,15 +151,17 @@ def run(config, workdir: str) -> dict:
              "seed": config.seed}
   results.update(evaluate_all(config, ev, taus, sets))
   results["wall_time_s"] = time.time() - start
+  path = os.path.join(workdir, "results.json")
+  results["results_path"] = path
+  if not distributed.is_main_process():  # Every process computed; one writes.
+    return results
   results["figures"] = {
       "disentanglement": figures.disentanglement_heatmaps(
           results["disentanglement"], os.path.join(workdir, "disentanglement.png")),
       "accuracy": figures.accuracy_bars(results, os.path.join(workdir, "accuracy.png")),
   }
-  path = os.path.join(workdir, "results.json")
   tmp = path + ".tmp"
   with open(tmp, "w") as f:  # Write then rename: a kill never leaves half a file.
     json.dump(results, f, indent=2)
   os.replace(tmp, path)
-  results["results_path"] = path
   return results

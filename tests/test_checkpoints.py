@@ -172,3 +172,15 @@ def test_restore_leaves_reads_a_subset(tmp_path, mesh):
   np.testing.assert_array_equal(out["layers/1"], np.zeros(3))
   with pytest.raises(KeyError, match="enc/kernal"):
     checkpoints.restore_leaves(tmp_path, 2, ["enc/kernal"])
+
+
+def test_relative_directory_round_trip(tmp_path, monkeypatch):
+  """Configs give workdirs relative to the repo; Orbax itself wants absolute paths."""
+  monkeypatch.chdir(tmp_path)
+  tree = {"w": np.arange(4.0, dtype=np.float32)}
+  with checkpoints.Checkpointer("rel/ckpt") as ckpt:
+    ckpt.save(1, tree, {"note": "relative"})
+  restored, meta = checkpoints.restore("rel/ckpt", target=tree)
+  np.testing.assert_array_equal(restored["w"], tree["w"])
+  assert meta == {"note": "relative"}
+  assert checkpoints.restore_leaves("rel/ckpt", 1, ["w"])["w"].tolist() == [0, 1, 2, 3]

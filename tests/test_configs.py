@@ -38,3 +38,9 @@ def test_reproduce_presets(preset):
 def test_reproduce_rejects_unknown_preset():
   with pytest.raises(ValueError, match="Unknown preset 'huge'"):
     importlib.import_module("configs.reproduce").get_config("huge")
+
+
+def test_reproduce_task_subset():
+  config = importlib.import_module("configs.reproduce").get_config("tiny,tasks=pos+language")
+  assert config.data.tasks == ("pos", "language")
+  assert config.eval.disentangle_pairs == (("pos", "language"),)

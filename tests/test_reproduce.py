@@ -1,0 +1,49 @@
+"""Smoke test of the main job end to end on a tiny preset (2 tasks, 2 steps)."""
+import json
+import os
+
+import pytest
+from absl import flags
+
+from configs import reproduce as reproduce_config
+from experiments import reproduce as entry
+from research import reproduce
+from research import train
+
+CONFIG_FILE = os.path.join(os.path.dirname(reproduce_config.__file__), "reproduce.py")
+
+
+ARG = "tiny,tasks=topic+language"
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_then_resume_through_entry_point(tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)  # A relative workdir, as configs give it.
+  results = reproduce.run(reproduce_config.get_config(ARG), "run")
+  with open("run/results.json") as f:
+    saved = json.load(f)
+  assert saved["tasks"] == ["topic", "language"] and saved["control_task"] == "noun_category"
+  for key in ("zeroshot", "single_task", "task_addition", "task_negation", "disentanglement"):
+    assert key in saved, key
+  assert set(saved["single_task"]) == {"standard", "linear", "posthoc"}
+  for mode, r in saved["task_addition"].items():
+    assert 0.0 <= r["alpha"] <= 1.0, mode
+    assert set(r["absolute"]) == {"topic", "language", "avg"}
+  for mode, r in saved["task_negation"].items():
+    assert set(r["target"]) == set(r["control"]) == {"topic", "language", "avg"}
+  xi = saved["disentanglement"]["linear"]["pairs"]["topic+language"]["xi"]
+  assert len(xi) == 3 and xi[1][1] == 0.0  # alpha = (0, 0) is the pre-trained model for both.
+  assert os.path.getsize("run/disentanglement.png") > 0 and os.path.getsize("run/accuracy.png") > 0
+  assert results["results_path"] == os.path.join("run", "results.json")
+
+  # A rerun through the entry point restores every fine-tuned model instead of training.
+  monkeypatch.setattr(train, "make_train_step", lambda *a, **k: pytest.fail("retrained"))
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["reproduce", f"--config={CONFIG_FILE}:{ARG}", "--workdir=run"])
+  entry.main([])
+  out = capsys.readouterr().out
+  assert "Task addition" in out and "Task negation" in out and "run/results.json" in out
+  with open("run/results.json") as f:
+    again = json.load(f)
+  assert again["task_addition"] == saved["task_addition"]
+  assert again["task_negation"] == saved["task_negation"]
