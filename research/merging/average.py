@@ -7,7 +7,6 @@ no buffer beyond the output.
 """
 from __future__ import annotations
 
-import jax
 
 from research.merging import stacked as stacked_lib
 from research.merging.base import Merge
@@ -17,15 +16,4 @@ from research.merging.registry import register
 @register("average")
 def average() -> Merge:
   """Mean of the stacked task vectors over the task axis."""
-
-  def init(stacked, **kwargs):
-    del kwargs
-    stacked_lib.check(stacked)
-    return ()
-
-  def apply(coeffs, stacked):
-    del coeffs
-    stacked_lib.check(stacked)
-    return jax.tree.map(lambda x: stacked_lib.task_mean(x).astype(x.dtype), stacked)
-
-  return Merge(init, apply)
+  return stacked_lib.leafwise(stacked_lib.task_mean)

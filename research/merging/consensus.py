@@ -46,15 +46,4 @@ def consensus(k: int = 2, tall_lambda: float = 1.0, scale: float = 1.0) -> Merge
   if tall_lambda < 0:
     raise ValueError(f"tall_lambda must be >= 0, got {tall_lambda!r}.")
   scale = hparams.real(scale, "scale")
-
-  def init(stacked, **kwargs):
-    del kwargs
-    stacked_lib.check(stacked)
-    return ()
-
-  def apply(coeffs, stacked):
-    del coeffs
-    return jax.tree.map(
-        lambda x: (scale * consensus_leaf(x, k, tall_lambda)).astype(x.dtype), stacked)
-
-  return Merge(init, apply)
+  return stacked_lib.leafwise(lambda x: scale * consensus_leaf(x, k, tall_lambda))

@@ -62,3 +62,21 @@ def task_sum(x: jax.Array) -> jax.Array:
 def task_mean(x: jax.Array) -> jax.Array:
   """Mean over the task axis, in the compute dtype."""
   return task_sum(x) / x.shape[0]
+
+
+def leafwise(leaf_fn) -> "Merge":
+  """A `Merge` with no statistics: `apply` maps `leaf_fn` ([T, ...] -> [...]) over
+  the leaves and casts back to each leaf's dtype."""
+  from research.merging.base import Merge  # pylint: disable=g-import-not-at-top
+
+  def init(stacked, **kwargs):
+    del kwargs
+    check(stacked)
+    return ()
+
+  def apply(coeffs, stacked):
+    del coeffs
+    check(stacked)
+    return jax.tree.map(lambda x: leaf_fn(x).astype(x.dtype), stacked)
+
+  return Merge(init, apply)

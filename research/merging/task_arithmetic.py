@@ -10,7 +10,6 @@ which plays the role of lambda. No statistics; no buffer beyond the output.
 """
 from __future__ import annotations
 
-import jax
 
 from research.merging import hparams
 from research.merging import stacked as stacked_lib
@@ -22,15 +21,4 @@ from research.merging.registry import register
 def task_arithmetic(scale: float = 1.0) -> Merge:
   """``scale`` times the sum of the stacked task vectors."""
   scale = hparams.real(scale, "scale")
-
-  def init(stacked, **kwargs):
-    del kwargs
-    stacked_lib.check(stacked)
-    return ()
-
-  def apply(coeffs, stacked):
-    del coeffs
-    stacked_lib.check(stacked)
-    return jax.tree.map(lambda x: (scale * stacked_lib.task_sum(x)).astype(x.dtype), stacked)
-
-  return Merge(init, apply)
+  return stacked_lib.leafwise(lambda x: scale * stacked_lib.task_sum(x))

@@ -89,17 +89,7 @@ def disjoint_mean_leaf(x: jax.Array) -> jax.Array:
 
 def disjoint_mean() -> Merge:
   """Merge: elect the sign of the summed mass per entry, average the agreeing tasks."""
-
-  def init(stacked, **kwargs):
-    del kwargs
-    stacked_lib.check(stacked)
-    return ()
-
-  def apply(coeffs, stacked):
-    del coeffs
-    return jax.tree.map(lambda x: disjoint_mean_leaf(x).astype(x.dtype), stacked)
-
-  return Merge(init, apply)
+  return stacked_lib.leafwise(disjoint_mean_leaf)
 
 
 @register("ties")
