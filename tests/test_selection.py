@@ -137,8 +137,9 @@ def test_sample_and_compaction_paths(monkeypatch):
 
 def test_crowded_compaction_falls_back_to_full_passes():
   # The five largest entries are a few ulps apart and share one fold slot of
-  # the big leaf (rows 0-4 of one column; rows are folded 8 at a time), so
-  # compaction sees 3+ bracket entries in a slot and full passes finish.
+  # the big leaf (rows 0-4 of one column), so
+  # compaction sees 3+ bracket entries in a slot and full passes finish
+  # (compaction folds those rows 16 at a time).
   rng = np.random.default_rng(6)
   values = (rng.uniform(-0.1, 0.1, (T, N))).astype(np.float32)
   tree = _tree(values)

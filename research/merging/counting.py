@@ -7,7 +7,8 @@
   bucket j: base + j 2^shift <= key < base + (j+1) 2^shift      (1 <= j <= 6)
   bucket 7: key >= base + 7 2^shift
 
-(``base``, ``shift``: uint32 [T, G]). It is the inner loop of the exact top-k
+(``base``, ``shift``: uint32 [T, G]; ``words=w`` gives 8 w buckets the same
+way). It is the inner loop of the exact top-k
 selection in ``selection.py``, so it is written for speed on every backend,
 including XLA:CPU, where a reduction over a fused comparison runs several
 times slower than memory bandwidth:
@@ -128,28 +129,38 @@ def _unpack(acc: jax.Array) -> jax.Array:
   return jnp.stack(totals, axis=-1)
 
 
-def bucket(key: jax.Array, base: jax.Array, shift: jax.Array) -> jax.Array:
-  """Bucket index (uint32, 0..7) of ``key`` (see module doc); base/shift broadcast."""
-  return jnp.minimum((jnp.maximum(key, base) - base) >> shift, np.uint32(BUCKETS - 1))
+def bucket(key: jax.Array, base: jax.Array, shift: jax.Array, n_buckets: int = BUCKETS) -> jax.Array:
+  """Bucket index (uint32, 0 .. n_buckets - 1) of ``key`` (see module doc); base/shift broadcast."""
+  return jnp.minimum((jnp.maximum(key, base) - base) >> shift, np.uint32(n_buckets - 1))
 
 
-def _leaf_histogram(source, keys_fn, base, shift, keys_per_entry):
-  """int32 [T, m, 8] for one source and m (base, shift) pairs ([T, m] each), in one pass.
+def _leaf_histogram(source, keys_fn, base, shift, keys_per_entry, words):
+  """int32 [T, m, 8 words] for one source and m (base, shift) pairs ([T, m] each), in one pass.
 
   The m histograms share the fold (a trailing axis of the accumulator), so
   a source counted for several groups is read, and its keys computed, once.
+  With ``words`` > 1 each entry increments one counter among ``words``
+  packed words (a second trailing axis): 8 * words buckets in one pass.
   """
   t, m = base.shape
+  n_buckets = BUCKETS * words
   acc = None
   for part in fold_parts(source, _MAX_FOLD // keys_per_entry):
     bshape = (t,) + (1,) * (part.ndim - 1) + (m,)
     b0, s0 = base.reshape(bshape), shift.reshape(bshape)
     for key in keys_fn(part):
-      one_hot = jnp.left_shift(np.uint32(1), bucket(key[..., None], b0, s0) * np.uint32(_BITS))
+      b = bucket(key[..., None], b0, s0, n_buckets)
+      one_hot = jnp.left_shift(np.uint32(1), (b & np.uint32(BUCKETS - 1)) * np.uint32(_BITS))
+      if words == 1:
+        one_hot = one_hot[..., None]
+      else:
+        word = jnp.arange(words, dtype=jnp.uint32)
+        one_hot = jnp.where((b >> 3)[..., None] == word, one_hot[..., None], np.uint32(0))
       acc = one_hot if acc is None else acc + one_hot
   # Without the barrier XLA duplicates the fold into each consumer of `acc`.
   acc = lax.optimization_barrier(acc)
-  return _unpack(acc)
+  acc = acc.reshape(acc.shape[:-2] + (m * words,))
+  return _unpack(acc).reshape(t, m, n_buckets)
 
 
 def histogram(
@@ -159,8 +170,9 @@ def histogram(
     shift: jax.Array,
     keys_fn: Callable[[jax.Array], Sequence[jax.Array]],
     keys_per_entry: int = 1,
+    words: int = 1,
 ) -> jax.Array:
-  """int32 [T, G, 8]: per task and group, how many keys fall in each bucket.
+  """int32 [T, G, 8 words]: per task and group, how many keys fall in each bucket.
 
   Args:
     sources: arrays with a leading task axis T (leaves, or arrays derived
@@ -171,20 +183,21 @@ def histogram(
       in the same pass: cheaper than passing it twice, which would make XLA
       copy it to keep loop operands distinct).
     base, shift: uint32 [T, G]; bucket j >= 1 starts at ``base + j 2^shift``
-      (``base + 7 2^shift`` must not overflow).
+      (``base + (8 words - 1) 2^shift`` must not overflow).
     keys_fn: maps a slice of a source to a list of ``keys_per_entry`` uint32
       arrays of the same shape (the keys to count).
     keys_per_entry: length of that list (at most 15).
+    words: packed counter words per entry; 8 * words buckets.
   """
   base = jnp.asarray(base, jnp.uint32)
   shift = jnp.asarray(shift, jnp.uint32)
   t, g = base.shape
-  hist = [jnp.zeros((t, BUCKETS), jnp.int32) for _ in range(g)]
+  hist = [jnp.zeros((t, BUCKETS * words), jnp.int32) for _ in range(g)]
   for src, grps in zip(sources, groups):
     if src.size == 0:
       continue
     gs = list(members(grps))
-    h = _leaf_histogram(src, keys_fn, base[:, gs], shift[:, gs], keys_per_entry)
+    h = _leaf_histogram(src, keys_fn, base[:, gs], shift[:, gs], keys_per_entry, words)
     for j, grp in enumerate(gs):
       hist[grp] = hist[grp] + h[:, j]
   return jnp.stack(hist, axis=1)

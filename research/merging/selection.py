@@ -22,18 +22,18 @@ Algorithm (exact; one jitted program; the tree is only ever read):
      so a misleading sample only costs passes, never correctness; later ones
      cut [lo, hi] in 8. A pass divides the width by 4 to 8.
   3. Compaction, once the bracket holds few entries: one pass folds each
-     leaf 15 slices at a time, keeping per slot the two largest keys in the
-     bracket (14-bit offsets) and how many there were. When no slot saw
-     three, this 1/15-size array holds every bracket entry and cutting passes
+     leaf 24 slices at a time, keeping per slot the two largest keys in the
+     bracket (15-bit offsets) and whether there were more. When no slot saw
+     three, this 1/24-size array holds every bracket entry and cutting passes
      over it finish the job. Otherwise step 2 continues on the full data to
      a one-key bracket.
 
 Cost, measured on ViT-B/32-sized task vectors (88M entries per task): the
 sample, three cutting passes, one compaction pass and about five passes
-over the compacted array (1/15 of the data): roughly 4.5 reads of the data,
+over the compacted array (1/24 of the data): roughly 4.5 reads of the data,
 against 32 for a plain bisection on the bit pattern. Worst case (many
 ties): ~16 cutting passes. No model-sized buffer is created as long as
-``keys_fn`` fuses into its consumers; the compacted array is 1/15 of the
+``keys_fn`` fuses into its consumers; the compacted array is 1/24 of the
 data (1/F for fold factor F).
 
 Ties at the threshold: ``topk_threshold`` returns the k-th largest value v;
@@ -59,10 +59,11 @@ from research.merging import counting
 PyTree = Any
 _U32_MAX = np.uint32(0xFFFFFFFF)
 _SIGN = np.uint32(0x80000000)
-_LAST_EDGE = counting.BUCKETS - 1          # edges per pass: 7
-_OFFSET_BITS = 14                          # compaction: two offsets + a 4-bit count
+_FULL_WORDS = 1                            # packed words per pass: 8 buckets (more words cost more than they save on XLA:CPU)
+_COMPACT_WORDS = 1
+_OFFSET_BITS = 15                          # compaction: two offsets + a 2-bit count
 _COMPACT_WIDTH = (1 << _OFFSET_BITS) - 1
-_COMPACT_FOLD = 15
+_COMPACT_FOLD = 24
 _MAX_PASSES = 64                           # safety cap; the worst case needs ~17
 _SAMPLE_SIZE = 1 << 15                     # sampled entries per task and group
 _SAMPLE_RUN = 16                           # contiguous entries per sample run
@@ -97,35 +98,41 @@ def _ceil_log2(x):
   return jnp.where(x <= 1, np.uint32(0), np.uint32(32) - lax.clz(x - np.uint32(1)))
 
 
-def _plan(lo, hi, low, high, first):
-  """(base, shift) of the next pass: 8 buckets over [lo, hi], or 6 over [low, high] first."""
-  # Later passes: 8 * 2^s >= hi - lo + 1.
+def _plan(lo, hi, low, high, first, n_buckets):
+  """(base, shift) of the next pass.
+
+  ``n_buckets`` buckets of width 2^s over [lo, hi]; on the first pass,
+  ``n_buckets - 2`` over [low, high] with one bucket on each side of it.
+  """
+  log_b = n_buckets.bit_length() - 1                 # n_buckets is a power of two
+  # Later passes: n_buckets * 2^s >= hi - lo + 1.
   width_bits = jnp.where(hi == lo, np.uint32(0), np.uint32(32) - lax.clz(hi - lo))
-  s_cut = jnp.maximum(width_bits, np.uint32(3)) - np.uint32(3)
-  # First pass: 6 * 2^s >= high - low + 1, bucket 0 ends at `low`.
-  s_first = _ceil_log2((high - low) // np.uint32(6) + np.uint32(1))
-  # 7 * 2^29 < 2^32: wider buckets would overflow the edges; bucket 7 is open-ended.
-  shift = jnp.minimum(jnp.where(first, s_first, s_cut), np.uint32(29))
+  s_cut = jnp.maximum(width_bits, np.uint32(log_b)) - np.uint32(log_b)
+  # First pass: (n_buckets - 2) * 2^s >= high - low + 1, bucket 0 ends at `low`.
+  s_first = _ceil_log2((high - low) // np.uint32(n_buckets - 2) + np.uint32(1))
+  # (n_buckets - 1) * 2^s must fit in 32 bits; the last bucket is open-ended.
+  shift = jnp.minimum(jnp.where(first, s_first, s_cut), np.uint32(32 - log_b))
   step = jnp.left_shift(np.uint32(1), shift)
   base = jnp.where(first, jnp.where(low >= step, low - step, np.uint32(0)), lo)
-  # Keep base + 7 * step from overflowing.
-  return jnp.minimum(base, _U32_MAX - np.uint32(_LAST_EDGE) * step), shift
+  # Keep base + (n_buckets - 1) * step from overflowing.
+  return jnp.minimum(base, _U32_MAX - np.uint32(n_buckets - 1) * step), shift
 
 
 def _cut(state, k, base, shift, hist):
   """Narrows the bracket with a histogram; keeps lo <= answer <= hi and the two counts."""
   lo, hi, atleast, above = state
+  n_edges = hist.shape[-1] - 1
   step = jnp.left_shift(np.uint32(1), shift)
-  j = jnp.arange(1, counting.BUCKETS, dtype=jnp.uint32)
-  edges = base[..., None] + step[..., None] * j                      # [.., 7] bucket starts
+  j = jnp.arange(1, n_edges + 1, dtype=jnp.uint32)
+  edges = base[..., None] + step[..., None] * j                      # bucket starts
   counts = jnp.cumsum(hist[..., ::-1], axis=-1)[..., ::-1][..., 1:]  # #keys >= edge
   n_in = jnp.sum(counts >= k[..., None], axis=-1)                   # edges at or below the answer
   take = lambda a, i: jnp.take_along_axis(
-      a, jnp.clip(i, 0, _LAST_EDGE - 1)[..., None], -1)[..., 0]
+      a, jnp.clip(i, 0, n_edges - 1)[..., None], -1)[..., 0]
   e_lo, c_lo = take(edges, n_in - 1), take(counts, n_in - 1)
   e_hi, c_hi = take(edges, n_in), take(counts, n_in)
   raise_lo = (n_in > 0) & (e_lo > lo)
-  lower_hi = (n_in < _LAST_EDGE) & (e_hi - np.uint32(1) < hi)
+  lower_hi = (n_in < n_edges) & (e_hi - np.uint32(1) < hi)
   return (jnp.where(raise_lo, e_lo, lo), jnp.where(lower_hi, e_hi - np.uint32(1), hi),
           jnp.where(raise_lo, c_lo, atleast), jnp.where(lower_hi, c_hi, above))
 
@@ -150,7 +157,7 @@ def _compact(source, keys_fn, lo, hi):
     if count is None:
       count, m1, m2 = hit, off, jnp.zeros_like(off)
     else:
-      count = count + hit
+      count = jnp.minimum(count + hit, np.uint32(3))     # 3 means "3 or more"
       m2 = jnp.maximum(m2, jnp.minimum(m1, off))
       m1 = jnp.maximum(m1, off)
   return (count << (2 * _OFFSET_BITS)) | (m1 << _OFFSET_BITS) | m2
@@ -168,7 +175,7 @@ def _compacted_count(r):
 def _compact_budget(n: int) -> int:
   """Most entries a bracket may hold for compaction to overflow with probability ~1%.
 
-  A slot of F = 15 entries overflows when 3 fall in the bracket: expected
+  A slot of F = 24 entries overflows when 3 fall in the bracket: expected
   (n / F) * C(F, 3) * (c / n)^3 slots for c bracket entries.
   """
   f = _COMPACT_FOLD
@@ -285,8 +292,8 @@ def select_keys(
   budget = jnp.asarray([_compact_budget(int(n)) for n in sizes], jnp.int32)
 
   def full_pass(s):
-    base, shift = _plan(s["lo"], s["hi"], low, high, s["first"])
-    hist = counting.histogram(sources, groups, base, shift, keys_fn)
+    base, shift = _plan(s["lo"], s["hi"], low, high, s["first"], 8 * _FULL_WORDS)
+    hist = counting.histogram(sources, groups, base, shift, keys_fn, words=_FULL_WORDS)
     lo, hi, atleast, above = _cut((s["lo"], s["hi"], s["atleast"], s["above"]), k, base,
                                   shift, hist)
     return dict(s, lo=lo, hi=hi, atleast=atleast, above=above, first=jnp.array(False))
@@ -309,13 +316,14 @@ def select_keys(
           jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.int32))
 
     def r_body(c):
-      base, shift = _plan(c[0], c[1], c[0], c[1], False)
+      base, shift = _plan(c[0], c[1], c[0], c[1], False, 8 * _COMPACT_WORDS)
       # Under a loop-dependent cond so that XLA does not hoist the decoded keys
       # out of the loop (that would materialise them).
       hist = lax.cond(
           jnp.any(c[0] != c[1]),
-          lambda: counting.histogram(packed, p_groups, base, shift, _compacted_offsets, 2),
-          lambda: jnp.zeros(shape + (counting.BUCKETS,), jnp.int32))
+          lambda: counting.histogram(packed, p_groups, base, shift, _compacted_offsets, 2,
+                                     words=_COMPACT_WORDS),
+          lambda: jnp.zeros(shape + (8 * _COMPACT_WORDS,), jnp.int32))
       return _cut(c, rank, base, shift, hist)
 
     off = lax.while_loop(lambda c: jnp.any(c[0] != c[1]), r_body, r0)[0]
