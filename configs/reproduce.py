@@ -14,6 +14,7 @@ It prints the task-addition and task-negation tables and writes
 import ml_collections
 
 from configs import common
+from research import sharding
 
 PRESETS = {
     "tiny": dict(n_train=32, n_val=16, n_test=16, steps=2, batch_size=8,
@@ -58,6 +59,14 @@ def get_config(arg=None):
   config.train.warmup_steps = p["warmup_steps"]
   config.train.clip_norm = 1.0
   config.train.checkpoint_every = 25
+
+  # Fine-tuning mesh. Empty mesh_shape: one device, no sharding (a laptop CPU). On a
+  # TPU pod / GPU cluster, e.g. `--config.mesh.mesh_shape="(1, -1)"`: FSDP over every
+  # device with the batch split over ('data', 'fsdp'), by `logical_axis_rules`.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.mesh_shape = ()
+  config.mesh.mesh_axes = ("data", "fsdp")
+  config.mesh.logical_axis_rules = sharding.DEFAULT_RULES
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = p["eval_batch_size"]

@@ -10,13 +10,16 @@ import json
 import os
 import time
 
+import jax
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from research import data as data_lib
 from research import distributed
 from research import evaluate
 from research import figures
+from research import sharding
 from research import task_vectors
 from research import train
 from research.models import heads
@@ -51,8 +54,29 @@ def prepare(config):
   return apply_fn, params0, sets
 
 
+def _mesh(config):
+  """The fine-tuning mesh of `config.mesh` (None: one device), and its logical axis rules."""
+  m = config.get("mesh")
+  if m is None or not m.mesh_shape:
+    return None, None
+  return sharding.make_mesh(m.mesh_shape, m.mesh_axes), m.logical_axis_rules
+
+
+def _gather(tree):
+  """A host copy of `tree` whose leaves may be sharded across devices and processes."""
+  if jax.process_count() > 1:
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
 def finetune_all(config, workdir, apply_fn, params0, sets):
-  """{mode: {task: tau}}; each run restores from its checkpoint when finished."""
+  """{mode: {task: tau}}; each run restores from its checkpoint when finished.
+
+  With `config.mesh.mesh_shape` set, each run is sharded over that mesh
+  (`train.finetune(mesh=...)`); the task vectors come back gathered on the
+  host, for evaluation.
+  """
+  mesh, rules = _mesh(config)
   taus = {}
   for mode in config.train.modes:
     taus[mode] = {}
@@ -62,7 +86,9 @@ def finetune_all(config, workdir, apply_fn, params0, sets):
           apply_fn, params0, train_set.head, train_set.inputs, train_set.labels,
           mode=mode, config=config.train, seed=config.seed,
           temperature=config.model.temperature,
-          checkpoint_dir=os.path.join(workdir, "checkpoints", mode, t))
+          checkpoint_dir=os.path.join(workdir, "checkpoints", mode, t), mesh=mesh, rules=rules)
+      if mesh is not None:
+        params = _gather(params)
       taus[mode][t] = task_vectors.task_vector(params, params0)
   return taus
 

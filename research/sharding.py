@@ -65,6 +65,8 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("heads", None),
     ("kv", None),
     ("vocab", None),
+    ("position", None),
+    ("token_type", None),
 )
 
 _AXIS_TYPES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit, "manual": AxisType.Manual}

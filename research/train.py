@@ -39,6 +39,8 @@ from research import tangent
 from research.models import heads
 
 FINETUNE_MODES = ("standard", "linear")
+# The batch keys fed to `apply_fn`, in order, for the text models (MiniLM / BERT).
+TEXT_INPUTS = ("input_ids", "attention_mask")
 
 
 class TrainState(NamedTuple):
@@ -75,12 +77,16 @@ def make_optimizer(config) -> optax.GradientTransformation:
   )
 
 
-def make_train_step(apply_fn, mode, optimizer, temperature):
-  """A jit-able `step(state, params0, head, batch) -> (state, metrics)`."""
+def make_train_step(apply_fn, mode, optimizer, temperature, input_keys=TEXT_INPUTS):
+  """A jit-able `step(state, params0, head, batch) -> (state, metrics)`.
+
+  `apply_fn` gets `batch[k]` for each of `input_keys` (e.g. `("image",)` for
+  an image encoder); `batch["label"]` holds the int labels.
+  """
   f = model_fn(apply_fn, mode)
 
   def loss_fn(params, params0, head, batch):
-    emb = f(params, params0, batch["input_ids"], batch["attention_mask"])
+    emb = f(params, params0, *(batch[k] for k in input_keys))
     logits = heads.logits(emb, head, temperature)
     loss = optax.softmax_cross_entropy_with_integer_labels(
         logits, batch["label"]).mean()
@@ -239,17 +245,31 @@ def global_batch(batch, batch_sharding):
   return sharding.shard_batch(local, batch_sharding.mesh, batch_sharding.spec)
 
 
-def finetune(apply_fn, params0, head, inputs, labels, *, mode, config,
+def _in_memory_batches(inputs, labels, plan) -> Callable[[int], dict]:
+  def batch(i):
+    out = {k: v[plan[i]] for k, v in inputs.items()}
+    out["label"] = labels[plan[i]]
+    return out
+  return batch
+
+
+def finetune(apply_fn, params0, head, inputs=None, labels=None, *, mode, config,
              checkpoint_dir, seed=0, temperature, progress=True, mesh=None, rules=None,
-             param_axes=None):
-  """Fine-tunes `params0` on (inputs, labels) and returns the fine-tuned params.
+             param_axes=None, batches=None, input_keys=TEXT_INPUTS):
+  """Fine-tunes `params0` on (inputs, labels) or `batches`; returns the fine-tuned params.
 
   Args:
-    apply_fn: `apply_fn(params, input_ids, attention_mask) -> embeddings [B, D]`.
+    apply_fn: `apply_fn(params, *[batch[k] for k in input_keys]) -> embeddings [B, D]`.
     params0: the pre-trained params (expansion point in `linear` mode).
     head: frozen class embeddings [C, D].
-    inputs: dict of int arrays [N, L] (`input_ids`, `attention_mask`).
+    inputs: dict of arrays [N, ...] (by default `input_ids`, `attention_mask`),
+      held in memory and drawn by `batch_plan`.
     labels: int array [N].
+    batches: instead of inputs / labels, `batches(step) -> host batch` (a dict
+      with `input_keys` and `label`, `config.batch_size` rows) for data
+      streamed from disk. It must be a pure function of the step, so that a
+      resumed run sees the batches an uninterrupted one would.
+    input_keys: the batch keys `apply_fn` reads, in order.
     mode: 'standard' or 'linear'.
     config: ConfigDict with steps, batch_size, lr, weight_decay, warmup_steps,
       clip_norm, checkpoint_every.
@@ -264,6 +284,9 @@ def finetune(apply_fn, params0, head, inputs, labels, *, mode, config,
   """
   if mode not in FINETUNE_MODES:
     raise ValueError(f"Unknown fine-tuning mode {mode!r}; expected one of {FINETUNE_MODES}.")
+  if (batches is None) == (inputs is None or labels is None):
+    raise ValueError("finetune needs either inputs= and labels= (in memory) or batches= "
+                     "(a function step -> batch), not both or neither.")
   optimizer = make_optimizer(config)
   shardings = None
   if mesh is not None:
@@ -278,15 +301,17 @@ def finetune(apply_fn, params0, head, inputs, labels, *, mode, config,
       state, _ = manager.restore(latest, target=state)
     if int(state.step) >= config.steps:
       return state.params
-    plan = batch_plan(len(labels), config.batch_size, config.steps, seed)
-    step_fn = jit_train_step(make_train_step(apply_fn, mode, optimizer, temperature), shardings)
+    if batches is None:
+      batches = _in_memory_batches(inputs, labels, batch_plan(len(labels), config.batch_size,
+                                                              config.steps, seed))
+    step_fn = jit_train_step(
+        make_train_step(apply_fn, mode, optimizer, temperature, input_keys), shardings)
     start = int(state.step)
     bar = tqdm.tqdm(range(start, config.steps), desc=f"fine-tune {mode}",
                     disable=not progress or not distributed.is_main_process(), leave=False,
                     initial=start, total=config.steps)
     for i in bar:
-      batch = {k: v[plan[i]] for k, v in inputs.items()}
-      batch["label"] = labels[plan[i]]
+      batch = batches(i)
       if shardings is not None:
         batch = global_batch(batch, shardings.batch)
       state, metrics = step_fn(state, params0, head, batch)

@@ -2,12 +2,15 @@
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
 from absl import flags
 
 from configs import reproduce as reproduce_config
 from experiments import reproduce as entry
 from research import reproduce
+from research import task_vectors
 from research import train
 
 CONFIG_FILE = os.path.join(os.path.dirname(reproduce_config.__file__), "reproduce.py")
@@ -50,3 +53,18 @@ def test_pipeline_end_to_end_then_resume_through_entry_point(tmp_path, monkeypat
     again = json.load(f)
   assert again["task_addition"] == saved["task_addition"]
   assert again["task_negation"] == saved["task_negation"]
+
+
+def test_finetune_all_over_a_mesh_matches_one_device(tmp_path):
+  """`config.mesh.mesh_shape` shards fine-tuning (data x FSDP on 8 fake devices); same task vectors."""
+  config = reproduce_config.get_config("tiny,tasks=topic")
+  config.train.modes = ("linear",)
+  apply_fn, params0, sets = reproduce.prepare(config)
+  single = reproduce.finetune_all(config, str(tmp_path / "single"), apply_fn, params0, sets)
+  config.mesh.mesh_shape = (2, -1)
+  sharded = reproduce.finetune_all(config, str(tmp_path / "sharded"), apply_fn, params0, sets)
+  a, b = single["linear"]["topic"], sharded["linear"]["topic"]
+  assert task_vectors.norm(a) > 0
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5, rtol=1e-4,
+                               err_msg=jax.tree_util.keystr(path))
