@@ -11,23 +11,35 @@ after it and registered by name::
   tau = jax.jit(m.apply)(coeffs, stacked)
   params = task_vectors.apply(params0, tau, alpha)
 
-``METHODS`` lists the registered names: average, task_arithmetic, ties,
-dare, dare_ties, breadcrumbs, pcb, consensus, model_stock, lines.
+``METHODS`` lists the registered names: the data-free average,
+task_arithmetic, ties, dare, dare_ties, breadcrumbs, pcb, consensus,
+model_stock, lines, doge; fisher and regmean, whose data statistics come in
+as keyword arguments of ``init`` (``data_stats`` computes them); and the
+learned-coefficient adamerging_task, adamerging_layer, atlas and
+self_positioning, whose ``init`` trains with optax (``learned``).
 Combinators: ``chain``, ``masked``, ``identity``, ``scale``; stages for
 composition: ``trim``, ``disjoint_mean``, ``drop``, ``mask_tails``,
 ``layer_scaling`` (LiNeS, a post-transform for any merge). ``selection``
 holds the exact global top-k threshold that TIES and friends share.
 """
+from research.merging import data_stats
+from research.merging import learned
 from research.merging import selection
+from research.merging.adamerging import adamerging_layer, adamerging_task
+from research.merging.atlas import atlas
 from research.merging.average import average
 from research.merging.base import MaskedNode, Merge, chain, identity, masked, scale
 from research.merging.breadcrumbs import breadcrumbs, mask_tails
 from research.merging.consensus import consensus
 from research.merging.dare import dare, dare_ties, drop
+from research.merging.doge import doge
+from research.merging.fisher import fisher
 from research.merging.lines import depth_from_path, layer_scaling, lines
 from research.merging.model_stock import model_stock
 from research.merging.pcb import pcb
+from research.merging.regmean import regmean
 from research.merging.registry import defaults, get, register
+from research.merging.self_positioning import self_positioning
 from research.merging.task_arithmetic import task_arithmetic
 from research.merging.ties import disjoint_mean, ties, trim
 from research.merging import registry as _registry
@@ -35,11 +47,13 @@ from research.merging import registry as _registry
 METHODS = _registry.names()
 # Methods that need nothing but the stacked task vectors (and a key).
 DATA_FREE = ("average", "task_arithmetic", "ties", "dare", "dare_ties", "breadcrumbs",
-             "pcb", "consensus", "model_stock", "lines")
+             "pcb", "consensus", "model_stock", "lines", "doge")
 
 __all__ = [
-    "DATA_FREE", "METHODS", "MaskedNode", "Merge", "average", "breadcrumbs", "chain", "consensus",
-    "dare", "dare_ties", "defaults", "depth_from_path", "disjoint_mean", "drop", "get",
-    "identity", "layer_scaling", "lines", "mask_tails", "masked", "model_stock", "pcb",
-    "register", "scale", "selection", "task_arithmetic", "ties", "trim",
+    "DATA_FREE", "METHODS", "MaskedNode", "Merge", "adamerging_layer", "adamerging_task",
+    "atlas", "average", "breadcrumbs", "chain", "consensus", "dare", "dare_ties", "data_stats",
+    "defaults", "depth_from_path", "disjoint_mean", "doge", "drop", "fisher", "get",
+    "identity", "layer_scaling", "learned", "lines", "mask_tails", "masked", "model_stock",
+    "pcb", "register", "regmean", "scale", "selection", "self_positioning", "task_arithmetic",
+    "ties", "trim",
 ]
