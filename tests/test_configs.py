@@ -4,6 +4,7 @@ import importlib
 import pytest
 
 from configs import common
+from research.data import tasks
 
 
 def test_parse_arg_types_and_positional():
@@ -33,6 +34,11 @@ def test_reproduce_presets(preset):
   assert config.train.weight_decay == 0.1 and config.train.clip_norm == 1.0
   assert config.eval.num_alphas == 21 and config.eval.control_ratio == 0.95
   assert config.data.control_task not in config.data.tasks
+  # Every task has the examples the preset asks for (the Debian data of `make data`).
+  d = config.data
+  for name in (*d.tasks, d.control_task):
+    available = len(tasks.pool(name)[0])
+    assert d.n_train + d.n_val + d.n_test <= available, (preset, name, available)
 
 
 def test_reproduce_rejects_unknown_preset():
