@@ -60,6 +60,11 @@ def get_config(arg=None):
   config.train.warmup_steps = p["warmup_steps"]
   config.train.clip_norm = 1.0
   config.train.checkpoint_every = 25
+  # Used when "lora" is among the modes (the merge table's LoRA task vectors):
+  # rank-8 factors of every dense kernel, scale alpha / rank = 1.
+  config.train.lora_rank = 8
+  config.train.lora_alpha = 8.0
+  config.train.lora_lr = 1e-3
 
   # Fine-tuning mesh. Empty mesh_shape: one device, no sharding (a laptop CPU). On a
   # TPU pod / GPU cluster, e.g. `--config.mesh.mesh_shape="(1, -1)"`: FSDP over every

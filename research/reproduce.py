@@ -19,6 +19,7 @@ from research import data as data_lib
 from research import distributed
 from research import evaluate
 from research import figures
+from research import lora
 from research import sharding
 from research import task_vectors
 from research import train
@@ -69,27 +70,43 @@ def _gather(tree):
   return jax.device_get(tree)
 
 
-def finetune_all(config, workdir, apply_fn, params0, sets):
+def _mode_config(train_config, mode):
+  """The train config of one mode: LoRA runs use `lora_lr` (low-rank factors want a larger step)."""
+  if mode != "lora":
+    return train_config
+  out = train_config.copy_and_resolve_references()
+  out.lr = train_config.lora_lr
+  return out
+
+
+def finetune_all(config, workdir, apply_fn, params0, sets, lora_factors=None):
   """{mode: {task: tau}}; each run restores from its checkpoint when finished.
 
   With `config.mesh.mesh_shape` set, each run is sharded over that mesh
   (`train.finetune(mesh=...)`); the task vectors come back gathered on the
-  host, for evaluation.
+  host, for evaluation. In `lora` mode the task vector is the densified
+  update; pass a dict as `lora_factors` to also get `{task: factors}`.
   """
   mesh, rules = _mesh(config)
   taus = {}
   for mode in config.train.modes:
     taus[mode] = {}
+    train_config = _mode_config(config.train, mode)
     for t in config.data.tasks:
       train_set = sets[t]["train"]
-      params = train.finetune(
+      trained = train.finetune(
           apply_fn, params0, train_set.head, train_set.inputs, train_set.labels,
-          mode=mode, config=config.train, seed=config.seed,
+          mode=mode, config=train_config, seed=config.seed,
           temperature=config.model.temperature,
           checkpoint_dir=os.path.join(workdir, "checkpoints", mode, t), mesh=mesh, rules=rules)
       if mesh is not None:
-        params = _gather(params)
-      taus[mode][t] = task_vectors.task_vector(params, params0)
+        trained = _gather(trained)
+      if mode == "lora":
+        if lora_factors is not None:
+          lora_factors[t] = trained
+        taus[mode][t] = lora.densify(trained, params0, alpha=train_config.lora_alpha)
+      else:
+        taus[mode][t] = task_vectors.task_vector(trained, params0)
   return taus
 
 
@@ -130,7 +147,8 @@ def disentanglement_all(config, ev, taus, sets) -> dict:
   """{mode: {"alphas", "pairs": {"a+b": {"xi", "mean"}}}} on validation subsets."""
   n, grid = config.eval.disentangle_examples, disentangle_grid(config)
   out = {}
-  for mode in tqdm.tqdm(config.train.modes, desc="disentanglement", leave=False):
+  modes = [m for m in config.train.modes if m in train.FINETUNE_MODES]  # The paper's two.
+  for mode in tqdm.tqdm(modes, desc="disentanglement", leave=False):
     pairs = {}
     for a, b in config.eval.disentangle_pairs:
       xi = evaluate.disentanglement(ev, mode, taus[mode][a], taus[mode][b],

@@ -1,7 +1,9 @@
 """Fine-tuning against a frozen zero-shot head, in the tangent-space paper's modes.
 
 `standard` trains the params of `apply_fn`; `linear` trains the params of
-`tangent.linearize(apply_fn)` around the pre-trained `params0`. Both use the
+`tangent.linearize(apply_fn)` around the pre-trained `params0`; `lora` trains
+low-rank factors of the dense kernels beside the frozen `params0`
+(`research.lora`; `finetune` then returns the factors). All use the
 paper's recipe (AdamW, weight decay 0.1, linear warmup then cosine decay,
 global-norm clipping 1.0). Runs are deterministic given the seed and resume from
 the latest Orbax checkpoint, so a rerun after a kill ends in the same params.
@@ -34,11 +36,15 @@ import tqdm
 
 from research import checkpoints
 from research import distributed
+from research import lora
 from research import sharding
 from research import tangent
 from research.models import heads
 
+# Modes whose trained tree is the params of `apply_fn` (same structure as params0).
 FINETUNE_MODES = ("standard", "linear")
+# Every mode `finetune` trains; in `lora` the trained tree is LoRA factors instead.
+TRAIN_MODES = FINETUNE_MODES + ("lora",)
 # The batch keys fed to `apply_fn`, in order, for the text models (MiniLM / BERT).
 TEXT_INPUTS = ("input_ids", "attention_mask")
 
@@ -49,41 +55,60 @@ class TrainState(NamedTuple):
   opt_state: Any
 
 
-def model_fn(apply_fn: Callable, mode: str) -> Callable:
+def model_fn(apply_fn: Callable, mode: str, *, lora_alpha: Optional[float] = None) -> Callable:
   """Returns `f(params, params0, *inputs)` for a fine-tuning / evaluation mode.
 
   `standard` ignores `params0`; `linear` and `posthoc` evaluate the first-order
-  Taylor expansion around it.
+  Taylor expansion around it; in `lora` mode `params` are LoRA factors and
+  `f` evaluates `params0 + lora.densify(params, params0, alpha=lora_alpha)`.
   """
   if mode == "standard":
     return lambda params, params0, *inputs: apply_fn(params, *inputs)
   if mode in ("linear", "posthoc"):
     return tangent.linearize(apply_fn)
+  if mode == "lora":
+    return lora.model_fn(apply_fn, alpha=lora_alpha)
   raise ValueError(
-      f"Unknown mode {mode!r}; expected one of 'standard', 'linear', 'posthoc'.")
+      f"Unknown mode {mode!r}; expected one of 'standard', 'linear', 'posthoc', 'lora'.")
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  """AdamW with warmup + cosine decay and global-norm clipping (paper recipe)."""
+  """AdamW with warmup + cosine decay and global-norm clipping (paper recipe).
+
+  An optional `config.grad_accum_steps` = k > 1 averages the gradients of k
+  consecutive train steps (micro-batches) into one update (`optax.MultiSteps`):
+  clipping sees the averaged gradient, and the schedule counts updates, so
+  `warmup_steps` is in updates and the decay spans `config.steps // k` of them.
+  """
+  accum = int(getattr(config, "grad_accum_steps", 1) or 1)
+  if accum < 1 or config.steps % accum:
+    raise ValueError(f"grad_accum_steps={accum} must be >= 1 and divide steps={config.steps} "
+                     "(train steps are micro-batches; k of them make one update).")
+  updates = config.steps // accum
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0,
       peak_value=config.lr,
       warmup_steps=config.warmup_steps,
-      decay_steps=max(config.steps, config.warmup_steps + 1),
+      decay_steps=max(updates, config.warmup_steps + 1),
   )
-  return optax.chain(
+  optimizer = optax.chain(
       optax.clip_by_global_norm(config.clip_norm),
       optax.adamw(schedule, weight_decay=config.weight_decay),
   )
+  if accum == 1:
+    return optimizer
+  return optax.MultiSteps(optimizer, every_k_schedule=accum).gradient_transformation()
 
 
-def make_train_step(apply_fn, mode, optimizer, temperature, input_keys=TEXT_INPUTS):
+def make_train_step(apply_fn, mode, optimizer, temperature, input_keys=TEXT_INPUTS,
+                    lora_alpha=None):
   """A jit-able `step(state, params0, head, batch) -> (state, metrics)`.
 
   `apply_fn` gets `batch[k]` for each of `input_keys` (e.g. `("image",)` for
-  an image encoder); `batch["label"]` holds the int labels.
+  an image encoder); `batch["label"]` holds the int labels. In `lora` mode
+  `state.params` are the LoRA factors (`lora_alpha` as in `lora.densify`).
   """
-  f = model_fn(apply_fn, mode)
+  f = model_fn(apply_fn, mode, lora_alpha=lora_alpha)
 
   def loss_fn(params, params0, head, batch):
     emb = f(params, params0, *(batch[k] for k in input_keys))
@@ -120,7 +145,8 @@ def batch_plan(num_examples: int, batch_size: int, steps: int, seed: int) -> np.
 class TrainShardings(NamedTuple):
   """Where every input of the train step lives on the mesh."""
   state: TrainState   # of NamedShardings; the optimizer state follows the params.
-  params: Any         # of NamedShardings; also used for params0.
+  params: Any         # of NamedShardings; also used for params0 (in `lora` mode only for
+                      # params0: state.params then holds the factors' shardings).
   head: jax.sharding.NamedSharding
   batch: jax.sharding.NamedSharding
   replicated: jax.sharding.NamedSharding
@@ -193,7 +219,8 @@ def init_state(optimizer, params0, shardings: Optional[TrainShardings] = None) -
   if shardings is None:
     params = jax.tree.map(jnp.copy, params0)
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-  return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings.state)(params0)
+  return jax.jit(init, in_shardings=(shardings.state.params,),
+                 out_shardings=shardings.state)(params0)
 
 
 def jit_train_step(step, shardings: Optional[TrainShardings] = None):
@@ -258,6 +285,13 @@ def finetune(apply_fn, params0, head, inputs=None, labels=None, *, mode, config,
              param_axes=None, batches=None, input_keys=TEXT_INPUTS):
   """Fine-tunes `params0` on (inputs, labels) or `batches`; returns the fine-tuned params.
 
+  What comes back is always the trained first argument of
+  `model_fn(apply_fn, mode)`: the params in `standard` / `linear` mode, and
+  the LoRA factors in `lora` mode (a small tree, as in the checkpoints);
+  densify them with `lora.densify(factors, params0, alpha=config.lora_alpha)`
+  for the task vector, or `lora.apply(params0, factors, alpha=...)` for the
+  fine-tuned params.
+
   Args:
     apply_fn: `apply_fn(params, *[batch[k] for k in input_keys]) -> embeddings [B, D]`.
     params0: the pre-trained params (expansion point in `linear` mode).
@@ -270,9 +304,11 @@ def finetune(apply_fn, params0, head, inputs=None, labels=None, *, mode, config,
       streamed from disk. It must be a pure function of the step, so that a
       resumed run sees the batches an uninterrupted one would.
     input_keys: the batch keys `apply_fn` reads, in order.
-    mode: 'standard' or 'linear'.
+    mode: 'standard', 'linear' or 'lora'.
     config: ConfigDict with steps, batch_size, lr, weight_decay, warmup_steps,
-      clip_norm, checkpoint_every.
+      clip_norm, checkpoint_every; in `lora` mode also `lora_rank` (default 8)
+      and `lora_alpha` (default None: alpha = rank, scale 1). The LoRA
+      factors start from `lora.init(params0, lora_rank, jax.random.key(seed))`.
     checkpoint_dir: where the Orbax checkpoints of this run live. A finished run
       is restored instead of retrained; an interrupted one resumes.
     mesh: optional `jax.sharding.Mesh`; the step then runs sharded on it (see
@@ -280,21 +316,34 @@ def finetune(apply_fn, params0, head, inputs=None, labels=None, *, mode, config,
       their parameter shardings. Every process of a multi-host run calls
       `finetune` with the same arguments.
     rules: logical axis rules for `mesh` (default `sharding.DEFAULT_RULES`).
-    param_axes: logical axes of the params (default `default_param_axes`).
+    param_axes: logical axes of the params (default `default_param_axes`); in
+      `lora` mode those of `params0`, while the factors always get
+      `default_param_axes` of the factors tree.
   """
-  if mode not in FINETUNE_MODES:
-    raise ValueError(f"Unknown fine-tuning mode {mode!r}; expected one of {FINETUNE_MODES}.")
+  if mode not in TRAIN_MODES:
+    raise ValueError(f"Unknown fine-tuning mode {mode!r}; expected one of {TRAIN_MODES}.")
   if (batches is None) == (inputs is None or labels is None):
     raise ValueError("finetune needs either inputs= and labels= (in memory) or batches= "
                      "(a function step -> batch), not both or neither.")
   optimizer = make_optimizer(config)
+  # What the optimizer trains: params0 itself, or LoRA factors beside it.
+  trainable0, lora_alpha = params0, None
+  if mode == "lora":
+    trainable0 = lora.init(params0, config.get("lora_rank", 8), jax.random.key(seed))
+    lora_alpha = config.get("lora_alpha", None)
   shardings = None
   if mesh is not None:
     shardings = train_shardings(optimizer, params0, mesh, rules, param_axes, config.batch_size)
+    if mode == "lora":  # The state holds the factors; params0 keeps its own shardings.
+      factor_sh = train_shardings(optimizer, trainable0, mesh, rules, None, config.batch_size)
+      shardings = factor_sh._replace(params=shardings.params)
+      trainable0 = place(trainable0, shardings.state.params)
     params0 = place(params0, shardings.params)
     head = place(head, shardings.head)
+  if mode != "lora":
+    trainable0 = params0
   with checkpoints.Checkpointer(checkpoint_dir, max_to_keep=1) as manager:
-    state = init_state(optimizer, params0, shardings)
+    state = init_state(optimizer, trainable0, shardings)
     latest = manager.latest_step()
     if latest is not None:  # Resume (or skip) from the last complete checkpoint.
       # A target of arrays: each leaf is read straight into its sharding.
@@ -305,7 +354,8 @@ def finetune(apply_fn, params0, head, inputs=None, labels=None, *, mode, config,
       batches = _in_memory_batches(inputs, labels, batch_plan(len(labels), config.batch_size,
                                                               config.steps, seed))
     step_fn = jit_train_step(
-        make_train_step(apply_fn, mode, optimizer, temperature, input_keys), shardings)
+        make_train_step(apply_fn, mode, optimizer, temperature, input_keys, lora_alpha),
+        shardings)
     start = int(state.step)
     bar = tqdm.tqdm(range(start, config.steps), desc=f"fine-tune {mode}",
                     disable=not progress or not distributed.is_main_process(), leave=False,

@@ -68,3 +68,18 @@ def test_finetune_all_over_a_mesh_matches_one_device(tmp_path):
   for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5, rtol=1e-4,
                                err_msg=jax.tree_util.keystr(path))
+
+
+def test_finetune_all_lora_mode_gives_low_rank_task_vectors(tmp_path):
+  config = reproduce_config.get_config("tiny,tasks=topic")
+  config.train.modes = ("lora",)
+  apply_fn, params0, sets = reproduce.prepare(config)
+  factors = {}
+  taus = reproduce.finetune_all(config, str(tmp_path), apply_fn, params0, sets, lora_factors=factors)
+  tau = taus["lora"]["topic"]
+  kernel = np.asarray(tau["layers"][0]["attention"]["query"]["kernel"])
+  assert np.abs(kernel).max() > 0
+  assert np.linalg.matrix_rank(kernel, tol=1e-7) <= config.train.lora_rank
+  # Embeddings are not adapted; the factors come back too.
+  assert not np.any(np.asarray(tau["embeddings"]["word"]["embedding"]))
+  assert set(factors) == {"topic"}
