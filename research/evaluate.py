@@ -20,14 +20,15 @@ import numpy as np
 from research import tangent
 from research import task_vectors
 from research.models import heads
+from research.train import TEXT_INPUTS
 
 EVAL_MODES = ("standard", "linear", "posthoc")
 
 
 @dataclasses.dataclass(frozen=True)
 class LabeledSet:
-  """Tokenized inputs of one task split, with its labels and frozen head."""
-  inputs: dict  # input_ids / attention_mask, int arrays [N, L]
+  """Inputs of one task split, with its labels and frozen head."""
+  inputs: dict  # arrays [N, ...]: input_ids / attention_mask [N, L] (text) or image [N, H, W, 3]
   labels: np.ndarray  # [N]
   head: Any  # [C, D]
 
@@ -44,22 +45,32 @@ def _bucket(n: int, cap: int, smallest: int = 8) -> int:
 def _batched(fn, inputs, batch_size):
   """Applies `fn(batch) -> [..., b, D]` over batches of `inputs`; returns [..., N, D].
 
-  Examples are batched in order of length and each batch is cut to a
-  power-of-two number of tokens and rows: right padding is masked out, so the
-  result is exact, and a handful of shapes keeps recompilation rare while
-  short inputs (single words, glosses) cost a fraction of `max_len`.
+  Text inputs (with an `attention_mask`) are batched in order of length and
+  each batch is cut to a power-of-two number of tokens: right padding is
+  masked out, so the result is exact, and short inputs (single words,
+  glosses) cost a fraction of `max_len`; the last batch is padded to a
+  power-of-two number of rows, so a handful of shapes keeps recompilation
+  rare. Other inputs (images) are batched in order, every batch padded to
+  `batch_size` rows: one shape.
   """
-  mask = inputs["attention_mask"]
-  n, max_len = mask.shape
-  lengths = mask.sum(1)
-  order = np.argsort(lengths, kind="stable")
+  mask = inputs.get("attention_mask")
+  n = len(next(iter(inputs.values())))
+  if mask is not None:
+    lengths = mask.sum(1)
+    order = np.argsort(lengths, kind="stable")
+  else:
+    order = np.arange(n)
   outs = []
   for start in range(0, n, batch_size):
     idx = order[start:start + batch_size]
-    rows = _bucket(len(idx), batch_size, smallest=1)
+    # Images cost the same whatever the split: full batches only, so one shape ever compiles.
+    rows = _bucket(len(idx), batch_size, smallest=1) if mask is not None else batch_size
     idx = np.concatenate([idx, np.repeat(idx[-1:], rows - len(idx))])
-    width = _bucket(lengths[idx].max(), max_len)
-    batch = {k: v[idx, :width] for k, v in inputs.items()}
+    if mask is not None:
+      width = _bucket(lengths[idx].max(), mask.shape[1])
+      batch = {k: v[idx, :width] for k, v in inputs.items()}
+    else:
+      batch = {k: v[idx] for k, v in inputs.items()}
     outs.append(np.asarray(fn(batch))[..., :min(batch_size, n - start), :])
   out = np.empty_like(np.concatenate(outs, axis=-2))
   out[..., order, :] = np.concatenate(outs, axis=-2)
@@ -67,20 +78,26 @@ def _batched(fn, inputs, batch_size):
 
 
 class FamilyEvaluator:
-  """Embeddings of `params0 + sum_k c_k d_k` for coefficient grids, per mode."""
+  """Embeddings of `params0 + sum_k c_k d_k` for coefficient grids, per mode.
 
-  def __init__(self, apply_fn: Callable, params0, *, batch_size: int = 128):
+  `apply_fn(params, *[inputs[k] for k in input_keys]) -> [B, D]`: by default
+  a text encoder fed `input_ids` and `attention_mask`; `input_keys=("image",)`
+  for an image encoder.
+  """
+
+  def __init__(self, apply_fn: Callable, params0, *, batch_size: int = 128,
+               input_keys: Sequence[str] = TEXT_INPUTS):
     self.params0 = params0
     self.batch_size = batch_size
+    keys = tuple(input_keys)
 
     @jax.jit
     def forward(params, inputs):
-      return apply_fn(params, inputs["input_ids"], inputs["attention_mask"])
+      return apply_fn(params, *(inputs[k] for k in keys))
 
     @jax.jit
     def tangent_cache(params0, stacked, inputs):
-      cache = tangent.precompute(apply_fn, params0, stacked,
-                                 inputs["input_ids"], inputs["attention_mask"])
+      cache = tangent.precompute(apply_fn, params0, stacked, *(inputs[k] for k in keys))
       return jnp.concatenate([cache.f0[None], cache.jvps], axis=0)
 
     @jax.jit
@@ -122,7 +139,9 @@ class FamilyEvaluator:
 
 
 def _summary(per_task: dict) -> dict:
-  return {**per_task, "avg": float(np.mean(list(per_task.values())))}
+  """The per-task values and their mean "avg"; undefined values (None) stay out of the mean."""
+  defined = [v for v in per_task.values() if v is not None]
+  return {**per_task, "avg": float(np.mean(defined)) if defined else None}
 
 
 def single_task(ev: FamilyEvaluator, mode, taus: dict, sets: dict) -> dict:
@@ -132,18 +151,27 @@ def single_task(ev: FamilyEvaluator, mode, taus: dict, sets: dict) -> dict:
 
 def task_addition(ev, mode, taus: dict, val: dict, test: dict, alphas,
                   single_val: dict, single_test: dict) -> dict:
-  """Shared alpha maximising mean normalized val accuracy; test report at it."""
+  """Shared alpha maximising mean normalized val accuracy; test report at it.
+
+  Normalized accuracy divides by the task's single-task accuracy, so a task
+  whose fine-tuned model gets nothing right (tiny smoke data) has none: it is
+  None and stays out of the means (if no task has one, alpha maximises the
+  mean absolute validation accuracy).
+  """
   total = task_vectors.add(*taus.values())
   grid = np.asarray(alphas)[:, None]
   val_acc = {t: ev.accuracy(mode, [total], grid, val[t]) for t in taus}
-  normalized = np.mean([val_acc[t] / single_val[t] for t in taus], axis=0)
+  defined = [t for t in taus if single_val[t] > 0]
+  normalized = (np.mean([val_acc[t] / single_val[t] for t in defined], axis=0) if defined
+                else np.mean([val_acc[t] for t in taus], axis=0))
   best = int(np.argmax(normalized))
   alpha = round(float(alphas[best]), 6)
   absolute = {t: float(ev.accuracy(mode, [total], [[alpha]], test[t])[0]) for t in taus}
   return {
       "alpha": alpha,
       "absolute": _summary(absolute),
-      "normalized": _summary({t: absolute[t] / single_test[t] for t in taus}),
+      "normalized": _summary({t: absolute[t] / single_test[t] if single_test[t] > 0 else None
+                              for t in taus}),
       "val_normalized_curve": normalized.tolist(),
   }
 

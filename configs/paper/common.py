@@ -39,6 +39,12 @@ def model_config(variant: str, runlocal: bool) -> ml_collections.ConfigDict:
   m.image_size = 32 if runlocal else 224
   m.dtype = "float32" if runlocal else "bfloat16"   # parameters stay float32
   m.remat = variant == "L/14" and not runlocal
+  # '' = CLIP's BPE vocabulary ($CLIP_BPE_VOCAB or open-clip-torch's copy), or a path to it;
+  # 'bytes' = byte tokens without merges (ids < 514: they fit runlocal's tiny CLIP's 600-token vocabulary).
+  m.tokenizer = "bytes" if runlocal else ""
+  # Prompt templates per class in the zero-shot heads (0 = all, as the paper). runlocal keeps
+  # one, so ImageNet's head is 1,000 prompts instead of 80,000.
+  m.max_templates = 1 if runlocal else 0
   return m
 
 
@@ -55,10 +61,15 @@ def model_points(with_train: bool = False) -> list[dict]:
 
 
 def train_config(task: str, runlocal: bool, variant: str) -> ml_collections.ConfigDict:
-  """AdamW lr 1e-5, weight decay 0.1, batch 128, 500 warmup steps then cosine, clip 1.0, the task's epochs."""
+  """AdamW lr 1e-5, weight decay 0.1, batch 128, 500 warmup steps then cosine, clip 1.0, the task's epochs.
+
+  Steps count optimizer updates (`steps`, `warmup_steps`, `checkpoint_every`);
+  `batch_size` is the examples per update, fed as `grad_accum_steps`
+  micro-batches of `batch_size // grad_accum_steps`.
+  """
   t = ml_collections.ConfigDict()
   t.epochs = 1 if runlocal else EPOCHS[task]
-  t.steps = 1 if runlocal else -1          # -1: epochs x (train examples // batch), computed by the run
+  t.steps = 1 if runlocal else -1          # -1: (epochs x train examples) // batch_size, computed by the run
   t.batch_size = 4 if runlocal else 128
   # The public code fits L/14 with micro-batches of 64 and two accumulation steps.
   t.grad_accum_steps = 2 if variant == "L/14" and not runlocal else 1

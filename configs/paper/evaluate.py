@@ -1,8 +1,19 @@
 r"""Task addition and task negation on the eight tasks with the paper's protocols, per model and mode.
 
   python -m experiments.paper_evaluate --config=configs/paper/evaluate.py:model=B/32,mode=linear \
-      --config.finetune_root=results/paper/finetune
-  python -m launch.sweep --config=configs/paper/evaluate.py --entry=experiments.paper_evaluate --dry_run
+      --workdir=results/paper/evaluate/B32-linear
+  # prints e.g. "B/32 linear: single-task ..; task addition alpha .. absolute .. normalized ..;
+  #              task negation target .. control ..; wrote results/paper/evaluate/B32-linear/results.json"
+  python -m launch.sweep --config=configs/paper/evaluate.py --entry=experiments.paper_evaluate \
+      --workdir=results/paper/evaluate --dry_run                    # 3 models x 4 modes = 12 runs
+  python -m launch.collect 'results/paper/evaluate/*'
+
+Arguments: model (B/32 | B/16 | L/14), mode (below), runlocal (tiny CLIP,
+8 examples per split: what the smoke test runs), finetune_root (where the
+fine-tuning runs are: every folder under it with a results.json of this
+model, one per task and mode; default results/paper/finetune), data_dir
+(TFDS data_dir; '' = TFDS's default). Arguments go to every point of a sweep
+(`--config=configs/paper/evaluate.py:finetune_root=/mnt/shared/finetune`).
 
 Modes: standard (non-linear fine-tuning, non-linear evaluation), linear
 (linearized fine-tuning, evaluated through the linearization), posthoc
@@ -24,7 +35,8 @@ EVAL_MODES = ("standard", "linear", "posthoc", "none")
 
 
 def get_config(arg=None):
-  arg = config_args.parse_arg(arg, model="B/32", mode="standard", runlocal=False)
+  arg = config_args.parse_arg(arg, model="B/32", mode="standard", runlocal=False,
+                              finetune_root="results/paper/finetune", data_dir="")
   if arg.mode not in EVAL_MODES:
     raise ValueError(f"Unknown mode {arg.mode!r}; use one of {EVAL_MODES}.")
   config = ml_collections.ConfigDict()
@@ -33,9 +45,11 @@ def get_config(arg=None):
   config.mode = arg.mode
   config.model = common.model_config(arg.model, arg.runlocal)
   config.data = common.data_config(arg.runlocal)
+  config.data.data_dir = arg.data_dir
   config.mesh = common.mesh_config(arg.runlocal)
-  # Where configs/paper/finetune.py's runs wrote their checkpoints: <root>/<B32>-<task>-<standard|linear>.
-  config.finetune_root = "results/paper/finetune"
+  # The --workdir root of configs/paper/finetune.py's runs: any folder under it whose results.json
+  # is a finished run of this model (research.paper.find_finetuned), one per task and mode.
+  config.finetune_root = arg.finetune_root
   config.tasks = common.TASKS
   config.control_task = common.CONTROL
   config.eval = ml_collections.ConfigDict()

@@ -11,11 +11,11 @@ Nothing is read at import time. See research/models/CLIP.md for preparing the da
 from research.data.vision.datasets import (CONTROL, DATASETS, MANUAL, TASKS, ConcatSource, Split,
                                            VisionDataset, class_names, get, label_names, load_splits,
                                            split_indices, templates)
-from research.data.vision.pipeline import eval_batches, num_steps, train_batches
+from research.data.vision.pipeline import eval_arrays, eval_batches, num_steps, train_batches
 from research.data.vision.preprocess import eval_image, train_image
 
 __all__ = [
     "CONTROL", "ConcatSource", "DATASETS", "MANUAL", "Split", "TASKS", "VisionDataset", "class_names",
-    "eval_batches", "eval_image", "get", "label_names", "load_splits", "num_steps", "split_indices",
+    "eval_arrays", "eval_batches", "eval_image", "get", "label_names", "load_splits", "num_steps", "split_indices",
     "templates", "train_batches", "train_image",
 ]

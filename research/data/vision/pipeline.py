@@ -145,6 +145,29 @@ def eval_batches(split: Split, global_batch_size: int, *, image_size: int = 224,
   return _prefetch(generate(), prefetch)
 
 
+def eval_arrays(split: Split, *, image_size: int = 224, max_examples: int = 0, batch_size: int = 256,
+                num_threads: int = 8) -> dict[str, np.ndarray]:
+  """A whole evaluation split decoded once into memory: {'image': uint8 [N, S, S, 3], 'label': int32 [N]}.
+
+  For protocols that pass over the same split many times (an alpha grid):
+  every pass then costs model time only. `max_examples` > 0 keeps the first
+  that many examples of the split. Every process decodes the whole split.
+  """
+  if max_examples > 0 and max_examples < len(split):
+    split = Split(split.source, split.indices[:max_examples])
+  n = len(split)
+  images = np.empty((n, image_size, image_size, 3), np.uint8)
+  labels = np.empty((n,), np.int32)
+  start = 0
+  for batch in eval_batches(split, batch_size, image_size=image_size, process_index=0, process_count=1,
+                            num_threads=num_threads):
+    valid = int(batch["mask"].sum())
+    images[start:start + valid] = batch["image"][:valid]
+    labels[start:start + valid] = batch["label"][:valid]
+    start += valid
+  return {"image": images, "label": labels}
+
+
 class _NoPool:
   def __enter__(self):
     return None
