@@ -6,9 +6,9 @@ them it fine-tunes first, into the main job's workdir):
 
 The config is the main job's (configs/reproduce.py, same preset: same model,
 tasks, data and fine-tuning recipe, so `reproduce_workdir`'s checkpoints are
-the right ones) plus a `merge` block. Presets: `quick` (default; ~15 min on
-a 2-core CPU once the checkpoints exist), `full`, `tiny` (two tasks, a few
-methods, seconds per step: the smoke test). Override leaves as usual:
+the right ones) plus a `merge` block. Presets: `quick` (default; its wall
+time on a 2-core CPU, once the checkpoints exist, is in the README), `full`,
+`tiny` (two tasks, a few methods: the smoke test). Override leaves as usual:
   python -m experiments.merge_table --config=configs/merge_table.py \
       --config.merge.methods="('ties','regmean')" --config.merge.n_test=64
 
@@ -34,7 +34,14 @@ Data of the data-dependent methods (first examples of each split):
   adamerging_*: `adapt_examples` unlabeled test inputs per task (the paper's
     test-time protocol), `learn_batch` of them per task per step;
   atlas / self_positioning: `probe_examples` labeled training examples per
-    task (few-shot), `learn_batch` per task per step.
+    task (few-shot), `learn_batch` per task per step;
+  twin: its router (an MLP predicting the task from the pre-trained model's
+    sentence embedding) trains on `router_examples` training inputs per task
+    (as the reference code does: inputs that are neither the validation
+    examples the grid is selected on nor the test examples), for
+    `router_steps` steps of `router_batch`. Twin-Merging is evaluated with
+    per-input routing: every validation / test input gets its own merged
+    model (see research/merge_table.py).
 Learned methods run `learn_steps` steps with `learn_lr` in the quick preset
 instead of the papers' 500 steps at 1e-3 (AdaMerging) — a budget choice
 recorded in each row's hparams.
@@ -48,21 +55,26 @@ from configs import reproduce
 PRESETS = {
     "tiny": dict(n_val=16, n_test=16, stats_examples=4, adapt_examples=4, probe_examples=4,
                  learn_batch=4, learn_steps=2, learn_lr=1e-2, doge_steps=2, tasks=2,
+                 router_examples=8, router_steps=5, router_batch=8, twin_scales=(0.3,),
                  alphas=(0.5, 1.0), wide=False,
                  methods=("task_arithmetic", "ties", "fisher", "regmean", "adamerging_task",
                           "atlas", "doge")),
     "quick": dict(n_val=48, n_test=128, stats_examples=16, adapt_examples=32, probe_examples=16,
                   learn_batch=8, learn_steps=30, learn_lr=1e-2, doge_steps=400, tasks=0,
+                  router_examples=256, router_steps=200, router_batch=256,
+                  twin_scales=(0.3, 0.4),
                   alphas=(0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.5), wide=False, methods=()),
     "full": dict(n_val=0, n_test=0, stats_examples=64, adapt_examples=64, probe_examples=32,
                  learn_batch=16, learn_steps=200, learn_lr=1e-3, doge_steps=400, tasks=0,
+                 router_examples=1024, router_steps=500, router_batch=1024,
+                 twin_scales=(0.2, 0.3, 0.4, 0.5),
                  alphas=tuple(round(0.1 * i, 1) for i in range(1, 21)), wide=True, methods=()),
 }
 
 # Methods whose merged task vector is used as is (alpha = 1): averages, and methods that
 # learn or set their own scale.
 UNSCALED = ("average", "model_stock", "fisher", "regmean", "adamerging_task",
-            "adamerging_layer", "atlas", "self_positioning", "doge")
+            "adamerging_layer", "atlas", "self_positioning", "doge", "twin")
 
 
 def _grids(p):
@@ -84,6 +96,11 @@ def _grids(p):
       "atlas": learn,
       "self_positioning": learn,
       "doge": dict(lam=(0.03, 0.07, 0.15) if wide else (0.07,), steps=(p["doge_steps"],)),
+      # The shared expert's lambda (the reference's tuned 0.29, and the table's task-arithmetic
+      # optimum region) and the kept rank fraction of the exclusive residuals (reference 0.1).
+      "twin": dict(shared_scale=p["twin_scales"],
+                   rank_fraction=(0.05, 0.1, 0.2) if wide else (0.1,),
+                   router_steps=(p["router_steps"],), router_batch=(p["router_batch"],)),
   }
 
 
@@ -115,4 +132,5 @@ def get_config(arg=None):
   config.merge.adapt_examples = p["adapt_examples"]
   config.merge.probe_examples = p["probe_examples"]
   config.merge.learn_batch = p["learn_batch"]
+  config.merge.router_examples = p["router_examples"]   # twin's router: training inputs per task
   return config

@@ -17,6 +17,17 @@ linearized model through `evaluate.FamilyEvaluator`'s JVP cache) it
    reports test accuracy there (the row's hparams: the grid point, plus
    ``"scaling"``: the chosen alpha).
 
+Routed methods (`ROUTED`: Twin-Merging) merge a different model for every
+input, so they are evaluated per input (`evaluate_routed`): the router,
+trained in `init` on the pre-trained model's sentence embeddings of
+`merge.router_examples` training inputs per task, gives each validation /
+test input its weights w(x), and the input is embedded by its own model
+params0 + compose(coeffs, w(x)) (the linearized model in `linear` mode),
+exactly (8 inputs, each with its own parameters, per compiled call). No alpha is searched
+(alpha = 1); their rows add ``"routing": "per_input"`` and
+``"router_accuracy"`` ({"val", "test"}: how often argmax w(x) is the input's
+own task).
+
 results.json is `{method: {mode: {"absolute_avg", "normalized_avg",
 "per_task": {task: {"absolute", "normalized"}}, "hparams", "seconds"}}}`,
 with two reference rows in the same format: `zeroshot` (params0) and
@@ -30,6 +41,7 @@ and a rerun with another setup in the same workdir is refused.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -49,9 +61,7 @@ from research import task_vectors
 from research import train
 from research.merging import data_stats
 from research.merging import registry
-# The data-dependent and learned methods register themselves on import (also imported by
-# research.merging itself once listed there; registering is idempotent).
-from research.merging import adamerging, atlas, doge, fisher, regmean, self_positioning  # noqa: F401  pylint: disable=unused-import
+from research.merging.twin import twin as twin_lib
 from research.models import heads
 from research.models.param_tree import leaf_name
 
@@ -62,7 +72,10 @@ SCALING = "scaling"
 # What each data-dependent method needs (see `_MethodData`); every other method
 # only gets a PRNG key.
 NEEDS = {"fisher": "fishers", "regmean": "grams", "adamerging_task": "unlabeled",
-         "adamerging_layer": "unlabeled", "atlas": "labeled", "self_positioning": "labeled"}
+         "adamerging_layer": "unlabeled", "atlas": "labeled", "self_positioning": "labeled",
+         "twin": "router"}
+# Methods whose merged model depends on the input: evaluated by `evaluate_routed`.
+ROUTED = ("twin",)
 
 
 # ----------------------------------------------------------------------------- data
@@ -188,6 +201,38 @@ class _MethodData:
   def _labeled(self) -> dict:
     return self._learned("train", self.config.merge.probe_examples, labeled=True)
 
+  # Twin-Merging's router learns the task of an input from the pre-trained model's sentence
+  # embedding, on `router_examples` training inputs per task (as the reference code does):
+  # inputs that are neither the validation examples the hparams are selected on nor the
+  # test examples.
+  def _router(self) -> dict:
+    feats = [self.features(t, "train") for t in self.tasks]
+    ids = [np.full(len(f), i, np.int32) for i, f in enumerate(feats)]
+    return {"features": np.concatenate(feats), "task_ids": np.concatenate(ids)}
+
+  def labeled(self, task: str, split: str) -> evaluate.LabeledSet:
+    """The subset of ``split`` of ``task`` the table uses (val / test: as `run`; train: the router's)."""
+    m = self.config.merge
+    n = {"val": m.n_val, "test": m.n_test, "train": m.router_examples}[split]
+    return _subset(self.sets[task][split], n)
+
+  def features(self, task: str, split: str) -> np.ndarray:
+    """[N, D] embeddings by the pre-trained model of ``labeled(task, split)`` (the router's input)."""
+    key = ("features", task, split)
+    if key not in self._cache:
+      inputs = self.labeled(task, split).inputs
+      size, n = self.config.eval.batch_size, len(inputs["input_ids"])
+      if "forward" not in self._cache:
+        self._cache["forward"] = jax.jit(self.apply_fn)
+      out = []
+      for i in range(0, n, size):   # rows padded to one batch shape: one compilation
+        rows = np.minimum(np.arange(i, i + size), n - 1)
+        emb = self._cache["forward"](self.params0, inputs["input_ids"][rows],
+                                     inputs["attention_mask"][rows])
+        out.append(np.asarray(emb)[:min(size, n - i)])
+      self._cache[key] = np.concatenate(out)
+    return self._cache[key]
+
 
 def _attention_mask(input_ids, attention_mask):
   del input_ids
@@ -247,6 +292,89 @@ def evaluate_method(name, mode, stacked, data: _MethodData, ev, val, test, singl
   test_acc = {t: float(a[0]) for t, a in
               _accuracies(ev, mode, tau, [hparams[SCALING]], test).items()}
   return _row(test_acc, single_test, hparams, time.time() - start, val_score)
+
+
+# ----------------------------------------------------------------------------- routed (twin)
+
+@functools.lru_cache(maxsize=8)
+def _per_input_fn(apply_fn, mode: str):
+  """Jitted ``(params0, coeffs, w [n, T], ids [n, L], mask [n, L]) -> [n, D]``, one model per row.
+
+  Row i is embedded by ``model(params0 + compose(coeffs, w_i))``, where ``model`` is the
+  network (``standard``) or its linearization around params0 (``linear``: one JVP per row).
+  """
+  model = train.model_fn(apply_fn, mode)
+
+  @jax.jit
+  def embed(params0, coeffs, weights, ids, mask):
+    def one(w, i, m):
+      params = task_vectors.apply(params0, twin_lib.compose(coeffs, w))
+      return model(params, params0, i[None], m[None])[0]
+    # vmap, not a loop: n models at once means n times fewer (larger) kernels, which
+    # matters on a busy CPU, where every small multi-threaded kernel waits for its threads.
+    return jax.vmap(one)(weights, ids, mask)
+  return embed
+
+
+def _routed_embeddings(mode, data: _MethodData, coeffs, weights, labeled,
+                       chunk: int = 8) -> np.ndarray:
+  """Embeddings [N, D] of each input under its own routed model params0 + compose(coeffs, w_n).
+
+  Per input, exactly: every input gets its own composed task vector and its own forward
+  pass (a JVP in ``linear`` mode), ``chunk`` inputs (``chunk`` model-sized buffers) per
+  compiled call. Inputs keep their full (padded, masked) width and the last chunk is
+  padded, so one program serves every set. (Caching the T + 1 JVPs of the tangent model
+  would be exact too, but costs T + 1 JVPs per input instead of one.)
+  """
+  weights = np.asarray(weights, np.float32)
+  ids, mask = labeled.inputs["input_ids"], labeled.inputs["attention_mask"]
+  fn = _per_input_fn(data.apply_fn, mode)
+  n, out = len(weights), []
+  for i in range(0, n, chunk):
+    rows = np.minimum(np.arange(i, i + chunk), n - 1)
+    emb = fn(data.params0, coeffs, weights[rows], ids[rows], mask[rows])
+    out.append(np.asarray(emb)[:min(chunk, n - i)])
+  return np.concatenate(out)
+
+
+def _routed_accuracy(mode, data, coeffs, split: str) -> tuple[dict, float]:
+  """({task: accuracy}, router accuracy) of per-input routing on ``split`` of every task."""
+  acc, hits, total = {}, 0, 0
+  for i, t in enumerate(data.tasks):
+    labeled = data.labeled(t, split)
+    weights = np.asarray(twin_lib.route(coeffs, data.features(t, split)))
+    emb = _routed_embeddings(mode, data, coeffs, weights, labeled)
+    pred = np.argmax(np.asarray(heads.logits(jnp.asarray(emb), labeled.head)), -1)
+    acc[t] = float(np.mean(pred == labeled.labels))
+    hits, total = hits + int(np.sum(np.argmax(weights, 1) == i)), total + len(weights)
+  return acc, hits / total
+
+
+def evaluate_routed(name, mode, stacked, data: _MethodData, single_val, single_test,
+                    config) -> dict:
+  """Twin-Merging with per-input routing: grid search on validation, report on test."""
+  start = time.time()
+  kwargs = {**data.get(NEEDS[name]), "key": jax.random.key(config.seed)}
+  grids = config.merge.grids.to_dict() if hasattr(config.merge.grids, "to_dict") else dict(
+      config.merge.grids)
+  best = None
+  for point in grid_points(grids.get(name)):
+    method = merging.get(name, **point)
+    # Dense residuals: every input composes its own task vector, a weighted sum each.
+    coeffs = twin_lib.densify(jax.jit(method.init)(stacked, **kwargs))
+    acc, routed = _routed_accuracy(mode, data, coeffs, "val")
+    score = float(np.mean([acc[t] / single_val[t] for t in acc]))
+    logging.info("%s %s %s: val normalized %.3f (router val accuracy %.3f)", name, mode, point,
+                 score, routed)
+    if best is None or score > best[0]:
+      best = (score, point, coeffs, routed)
+    del coeffs
+  val_score, point, coeffs, routed_val = best
+  test_acc, routed_test = _routed_accuracy(mode, data, coeffs, "test")
+  row = _row(test_acc, single_test, {**point, SCALING: 1.0}, time.time() - start, val_score)
+  row["routing"] = "per_input"
+  row["router_accuracy"] = {"val": routed_val, "test": routed_test}
+  return row
 
 
 def _row(acc: dict, single: dict, hparams: dict, seconds: float, val_score=None) -> dict:
@@ -339,14 +467,32 @@ def bar_chart(results: dict, modes, path: str) -> str:
 
 # ----------------------------------------------------------------------------- run
 
+def feedable(name: str) -> bool:
+  """Whether the table can build what method ``name``'s init needs (a key, or a `NEEDS` kind)."""
+  factory = registry._factory(name)  # pylint: disable=protected-access
+  needs = [r for r in getattr(factory, "requires", ()) if r != "key"]
+  return not needs or name in NEEDS
+
+
 def _methods(config) -> list[str]:
   known = registry.names()   # merging.METHODS, plus anything registered since its import
-  chosen = list(config.merge.methods) or list(known)
-  unknown = [m for m in chosen if m not in known]
+  unknown = [m for m in config.merge.methods if m not in known]
   if unknown:
     raise ValueError(f"config.merge.methods names unregistered methods {unknown}; registered: "
                      f"{', '.join(known)}.")
-  return chosen
+  if config.merge.methods:
+    chosen = list(config.merge.methods)
+    unfed = [m for m in chosen if not feedable(m)]
+    if unfed:
+      raise ValueError(f"config.merge.methods names {unfed}, whose init needs data this table "
+                       "does not build (see merge_table.NEEDS). Fix: leave them out.")
+    return chosen
+  # Every registered method the table can feed; others (e.g. ones needing LoRA factors) are
+  # skipped until the table builds their data.
+  skipped = [m for m in known if not feedable(m)]
+  if skipped:
+    logging.warning("merge table: skipping %s (their data is not built here).", skipped)
+  return [m for m in known if feedable(m)]
 
 
 def run(config, workdir: str) -> dict:
@@ -394,8 +540,11 @@ def run(config, workdir: str) -> dict:
     stacked = task_vectors.stack([taus[mode][t] for t in tasks])
     data = _MethodData(config, apply_fn, params0, taus[mode], sets, mode)
     for name in tqdm.tqdm(todo, desc=f"merge ({mode})", leave=False):
-      row = evaluate_method(name, mode, stacked, data, ev, val, test, single_val, single_test,
-                            config)
+      if name in ROUTED:
+        row = evaluate_routed(name, mode, stacked, data, single_val, single_test, config)
+      else:
+        row = evaluate_method(name, mode, stacked, data, ev, val, test, single_val,
+                              single_test, config)
       results.setdefault(name, {})[mode] = row
       logging.warning("%-18s %-8s normalized %.3f  absolute %.3f  %s  (%.0f s)", name, mode,
                       row["normalized_avg"], row["absolute_avg"], row["hparams"],

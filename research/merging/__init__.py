@@ -35,13 +35,16 @@ from research.merging.dare import dare, dare_ties, drop
 from research.merging.doge import doge
 from research.merging.fisher import fisher
 from research.merging.lines import depth_from_path, layer_scaling, lines
+from research.merging.lora_lego import lora_lego
 from research.merging.model_stock import model_stock
 from research.merging.pcb import pcb
 from research.merging.regmean import regmean
 from research.merging.registry import defaults, get, register
+from research.merging.scalearn import scalearn
 from research.merging.self_positioning import self_positioning
 from research.merging.task_arithmetic import task_arithmetic
 from research.merging.ties import disjoint_mean, ties, trim
+from research.merging.twin import twin
 from research.merging import registry as _registry
 
 METHODS = _registry.names()
@@ -53,7 +56,8 @@ __all__ = [
     "DATA_FREE", "METHODS", "MaskedNode", "Merge", "adamerging_layer", "adamerging_task",
     "atlas", "average", "breadcrumbs", "chain", "consensus", "dare", "dare_ties", "data_stats",
     "defaults", "depth_from_path", "disjoint_mean", "doge", "drop", "fisher", "get",
-    "identity", "layer_scaling", "learned", "lines", "mask_tails", "masked", "model_stock",
-    "pcb", "register", "regmean", "scale", "selection", "self_positioning", "task_arithmetic",
+    "identity", "layer_scaling", "learned", "lines", "lora_lego", "mask_tails", "masked",
+    "model_stock", "pcb", "register", "regmean", "scale", "scalearn", "selection",
+    "self_positioning", "task_arithmetic",
     "ties", "trim",
 ]

@@ -187,3 +187,7 @@ def doge(lam: float = 0.07, density: float = 0.3, subspace: int = 6, lr: float =
     return jax.tree.map(one, stacked, coeffs["delta"], coeffs["lambdas"])
 
   return Merge(init, apply)
+
+
+# Data-free: init needs nothing but the stacked task vectors (merging.DATA_FREE lists it).
+doge.requires = ()

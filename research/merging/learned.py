@@ -171,9 +171,9 @@ def fit(raw0: PyTree, stacked: PyTree, combine: Callable[[PyTree, PyTree], PyTre
         ) -> tuple[PyTree, list[float]]:
   """Trains raw coefficients: minimises ``loss(combine(raw, stacked), batch, aux) + penalty(raw)``.
 
-  One jitted step per batch; ``stacked`` and ``aux`` are arguments of the
-  compiled step (never constants), the coefficients and optimizer state are
-  donated. Returns the final raw coefficients and the loss of every step.
+  One jitted step per batch (compiled once per batch shape); ``stacked`` and
+  ``aux`` are arguments of the compiled step (never constants). Returns the
+  final raw coefficients and the loss of every step.
   """
   def objective(raw, stacked, batch, aux):
     value = loss(combine(raw, stacked), batch, aux)
