@@ -58,7 +58,7 @@ PRESETS = {
                  router_examples=8, router_steps=5, router_batch=8, twin_scales=(0.3,),
                  alphas=(0.5, 1.0), wide=False,
                  methods=("task_arithmetic", "ties", "fisher", "regmean", "adamerging_task",
-                          "atlas", "doge")),
+                          "atlas", "doge", "lora_lego", "scalearn")),
     "quick": dict(n_val=48, n_test=128, stats_examples=16, adapt_examples=32, probe_examples=16,
                   learn_batch=8, learn_steps=30, learn_lr=1e-2, doge_steps=400, tasks=0,
                   router_examples=256, router_steps=200, router_batch=256,
@@ -74,7 +74,10 @@ PRESETS = {
 # Methods whose merged task vector is used as is (alpha = 1): averages, and methods that
 # learn or set their own scale.
 UNSCALED = ("average", "model_stock", "fisher", "regmean", "adamerging_task",
-            "adamerging_layer", "atlas", "self_positioning", "doge", "twin")
+            "adamerging_layer", "atlas", "self_positioning", "doge", "twin", "scalearn")
+# What runs on the LoRA task vectors (mode `lora`): the LoRA methods, with task arithmetic
+# and TIES on the densified updates for reference.
+LORA_METHODS = ("task_arithmetic", "ties", "lora_lego", "scalearn")
 
 
 def _grids(p):
@@ -98,6 +101,11 @@ def _grids(p):
       "doge": dict(lam=(0.03, 0.07, 0.15) if wide else (0.07,), steps=(p["doge_steps"],)),
       # The shared expert's lambda (the reference's tuned 0.29, and the table's task-arithmetic
       # optimum region) and the kept rank fraction of the exclusive residuals (reference 0.1).
+      # Merged rank k: the tasks' rank (8, the paper's default) or twice it.
+      "lora_lego": dict(k=(8, 16)),
+      # Output scales start in task arithmetic's region (0.3 per task) rather than at the
+      # official single-target 2.0, since six tasks' updates are summed here.
+      "scalearn": dict(init_scale=(0.3,), **learn),
       "twin": dict(shared_scale=p["twin_scales"],
                    rank_fraction=(0.05, 0.1, 0.2) if wide else (0.1,),
                    router_steps=(p["router_steps"],), router_batch=(p["router_batch"],)),
@@ -119,7 +127,8 @@ def get_config(arg=None):
   config.merge = ml_collections.ConfigDict()
   # Empty: every registered method (research.merging.METHODS).
   config.merge.methods = tuple(p["methods"])
-  config.merge.modes = ("standard", "linear")
+  config.merge.modes = ("standard", "linear", "lora")
+  config.merge.lora_methods = LORA_METHODS
   config.merge.n_val = p["n_val"]          # per task; 0 = the whole split
   config.merge.n_test = p["n_test"]
   config.merge.alphas = tuple(p["alphas"])

@@ -73,7 +73,13 @@ SCALING = "scaling"
 # only gets a PRNG key.
 NEEDS = {"fisher": "fishers", "regmean": "grams", "adamerging_task": "unlabeled",
          "adamerging_layer": "unlabeled", "atlas": "labeled", "self_positioning": "labeled",
-         "twin": "router"}
+         "twin": "router", "lora_lego": "factors", "scalearn": "labeled"}
+# Methods that only run on LoRA task vectors (mode `lora`); `config.merge.lora_methods`
+# lists what runs in that mode.
+LORA_ONLY = ("lora_lego", "scalearn")
+# The evaluation mode of each table mode: LoRA task vectors are evaluated like standard
+# ones (params0 + alpha * densified update, through the network itself).
+EVAL_MODE = {"standard": "standard", "linear": "linear", "lora": "standard"}
 # Methods whose merged model depends on the input: evaluated by `evaluate_routed`.
 ROUTED = ("twin",)
 
@@ -107,13 +113,20 @@ def _batches(labeled: evaluate.LabeledSet, n: int, size: int, width: int) -> lis
 class _MethodData:
   """The keyword arguments of the data-dependent methods' `init`, for one mode, built on demand."""
 
-  def __init__(self, config, apply_fn, params0, taus: dict, sets: dict, mode: str):
+  def __init__(self, config, apply_fn, params0, taus: dict, sets: dict, mode: str,
+               lora_factors: dict | None = None):
     self.config, self.apply_fn, self.params0, self.mode = config, apply_fn, params0, mode
+    self.lora_factors = lora_factors
     self.tasks = list(config.data.tasks)
     self.taus, self.sets = taus, sets
     self.temperature = config.model.temperature
     self.model = train.model_fn(apply_fn, mode)   # model(params, params0, ids, mask)
     self._cache = {}
+
+  # LoRA-LEGO: the tasks' LoRA factors, stacked, and their alpha.
+  def _factors(self) -> dict:
+    return {"factors": task_vectors.stack([self.lora_factors[t] for t in self.tasks]),
+            "alpha": self.config.train.lora_alpha}
 
   def get(self, kind: str) -> dict:
     if kind not in self._cache:
@@ -279,7 +292,8 @@ def evaluate_method(name, mode, stacked, data: _MethodData, ev, val, test, singl
   for point in grid_points(grids.get(name)):
     method = build_method(name, point, kernels_only)
     # Statistics-only inits compile to one program; learned inits run their own jitted loop.
-    init = method.init if need in ("unlabeled", "labeled") else jax.jit(method.init)
+    # LoRA-LEGO's init reads its alpha as a Python number, so it is not traced either.
+    init = method.init if need in ("unlabeled", "labeled", "factors") else jax.jit(method.init)
     coeffs = init(stacked, **kwargs)
     tau = jax.jit(method.apply)(coeffs, stacked)
     val_acc = _accuracies(ev, mode, tau, alphas, val)
@@ -474,6 +488,13 @@ def feedable(name: str) -> bool:
   return not needs or name in NEEDS
 
 
+def _mode_methods(methods, mode: str, config) -> list[str]:
+  """The methods that run in table mode `mode`: `merge.lora_methods` for LoRA task vectors."""
+  if mode == "lora":
+    return [n for n in methods if n in config.merge.lora_methods]
+  return [n for n in methods if n not in LORA_ONLY]
+
+
 def _methods(config) -> list[str]:
   known = registry.names()   # merging.METHODS, plus anything registered since its import
   unknown = [m for m in config.merge.methods if m not in known]
@@ -513,21 +534,26 @@ def run(config, workdir: str) -> dict:
       results = json.load(f)
 
   apply_fn, params0, sets = reproduce.prepare(config)
-  # Orbax wants absolute checkpoint paths.
+  # Orbax wants absolute checkpoint paths. LoRA runs only when the table has a `lora` mode.
+  config = config.copy_and_resolve_references()
+  config.train.modes = tuple(mode for mode in ("standard", "linear", "lora")
+                             if mode in modes or mode in config.train.modes)
+  lora_factors = {}
   taus = reproduce.finetune_all(config, os.path.abspath(config.reproduce_workdir), apply_fn,
-                                params0, sets)
+                                params0, sets, lora_factors=lora_factors)
   ev = evaluate.FamilyEvaluator(apply_fn, params0, batch_size=config.eval.batch_size)
   tasks = list(config.data.tasks)
   val = {t: _subset(sets[t]["val"], m.n_val) for t in tasks}
   test = {t: _subset(sets[t]["test"], m.n_test) for t in tasks}
 
   for mode in modes:
-    todo = [n for n in methods if mode not in results.get(n, {})]
+    todo = [n for n in _mode_methods(methods, mode, config) if mode not in results.get(n, {})]
+    ev_mode = EVAL_MODE[mode]
     if not todo and all(mode in results.get(r, {}) for r in REFERENCE_ROWS):
       continue
     t0 = time.time()
-    single_val = evaluate.single_task(ev, mode, taus[mode], val)
-    single_test = evaluate.single_task(ev, mode, taus[mode], test)
+    single_val = evaluate.single_task(ev, ev_mode, taus[mode], val)
+    single_test = evaluate.single_task(ev, ev_mode, taus[mode], test)
     results.setdefault("single_task", {})[mode] = _row(single_test, single_test, {},
                                                        time.time() - t0)
     if mode not in results.get("zeroshot", {}):
@@ -538,12 +564,13 @@ def run(config, workdir: str) -> dict:
     if not todo:
       continue
     stacked = task_vectors.stack([taus[mode][t] for t in tasks])
-    data = _MethodData(config, apply_fn, params0, taus[mode], sets, mode)
+    data = _MethodData(config, apply_fn, params0, taus[mode], sets, ev_mode,
+                       lora_factors if mode == "lora" else None)
     for name in tqdm.tqdm(todo, desc=f"merge ({mode})", leave=False):
       if name in ROUTED:
-        row = evaluate_routed(name, mode, stacked, data, single_val, single_test, config)
+        row = evaluate_routed(name, ev_mode, stacked, data, single_val, single_test, config)
       else:
-        row = evaluate_method(name, mode, stacked, data, ev, val, test, single_val,
+        row = evaluate_method(name, ev_mode, stacked, data, ev, val, test, single_val,
                               single_test, config)
       results.setdefault(name, {})[mode] = row
       logging.warning("%-18s %-8s normalized %.3f  absolute %.3f  %s  (%.0f s)", name, mode,

@@ -138,7 +138,9 @@ def test_tiny_run_end_to_end_and_resume(tmp_path):
   config = merge_table_config.get_config("tiny")
   with config.unlocked():
     config.reproduce_workdir = str(tmp_path / "reproduce")
-    config.merge.methods = ("task_arithmetic", "adamerging_task", "ties", "twin")
+    config.merge.methods = ("task_arithmetic", "adamerging_task", "ties", "twin", "lora_lego",
+                            "scalearn")
+    config.merge.lora_methods = ("task_arithmetic", "lora_lego", "scalearn")
   workdir = str(tmp_path / "table")
   os.makedirs(workdir)
   # A row already present is kept as it is (resume): here a stand-in for ties.
@@ -151,6 +153,11 @@ def test_tiny_run_end_to_end_and_resume(tmp_path):
   with open(out["results_path"]) as f:
     results = json.load(f)
   assert results["ties"] == {"standard": stand_in, "linear": stand_in}
+  # LoRA task vectors (fine-tuned for the table): the LoRA methods run there, and only there.
+  for name in ("zeroshot", "single_task", "task_arithmetic", "lora_lego", "scalearn"):
+    assert 0.0 <= results[name]["lora"]["absolute_avg"] <= 1.0, name
+  assert set(results["lora_lego"]) == set(results["scalearn"]) == {"lora"}
+  assert results["lora_lego"]["lora"]["hparams"]["k"] in config.merge.grids.lora_lego.k
   tasks = list(config.data.tasks)
   for name in ("zeroshot", "single_task", "task_arithmetic", "adamerging_task", "twin"):
     for mode in ("standard", "linear"):
