@@ -52,6 +52,20 @@ def _lambda_tree(lambdas, stacked):
   return lambdas
 
 
+def weighted_leaf(w: jax.Array, x: jax.Array) -> jax.Array:
+  """``sum_t w[t] * x[t]`` for one stacked leaf x [T, ...]; w[t] broadcasts against x[t].
+
+  Accumulates in x's dtype (one slice at a time, no [T, ...] temporary) and
+  returns it.
+  """
+  parts = stacked_lib.slices(x)
+  w = jnp.asarray(w).astype(parts[0].dtype)
+  out = w[0] * parts[0]
+  for i in range(1, len(parts)):
+    out = out + w[i] * parts[i]
+  return out.astype(x.dtype)
+
+
 def weighted_sum(lambdas: PyTree, stacked: PyTree) -> PyTree:
   """``sum_t lambdas[t] * stacked[t]`` per leaf; ``lambdas`` is [T] or a tree of [T] like ``stacked``.
 
@@ -67,12 +81,7 @@ def weighted_sum(lambdas: PyTree, stacked: PyTree) -> PyTree:
       raise ValueError(
           f"merge coefficients must have shape [T]=({t},) per leaf, got {lam.shape}. Fix: "
           "pass the coeffs returned by this method's init.")
-    parts = stacked_lib.slices(x)
-    lam = lam.astype(parts[0].dtype)
-    out = lam[0] * parts[0]
-    for i in range(1, t):
-      out = out + lam[i] * parts[i]
-    return out.astype(x.dtype)
+    return weighted_leaf(lam, x)
 
   try:
     return jax.tree.map(one, lam_tree, stacked)

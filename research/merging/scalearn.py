@@ -99,12 +99,7 @@ def scaled_sum(omega, stacked):
       raise ValueError(
           f"scalearn: omega of leaf {leaf_name(path)!r} has shape {w.shape}; expected ({t},) or "
           f"{(t,) + tuple(x.shape[-1:])}. Fix: pass the coeffs returned by this method's init.")
-    parts = stacked_lib.slices(x)
-    w = w.astype(parts[0].dtype)
-    out = w[0] * parts[0]
-    for i in range(1, t):
-      out = out + w[i] * parts[i]
-    return out.astype(x.dtype)
+    return learned.weighted_leaf(w, x)
 
   try:
     return jax.tree_util.tree_map_with_path(one, omega, stacked)
