@@ -26,7 +26,6 @@ It prints three tables and writes `<workdir>/results.json` plus figures:
     pre-trained vs randomly initialised encoder (and the single-task
     accuracies of the random-init model, to read xi against).
 """
-from configs import common
 from configs import reproduce
 
 # NTK inputs per task, output directions sketched, top-k eigenfunctions
@@ -40,14 +39,8 @@ PRESETS = {
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, preset="quick", seed=0)
-  if arg.preset not in PRESETS:
-    raise ValueError(f"Unknown preset {arg.preset!r}; choose one of {sorted(PRESETS)}.")
-  p = PRESETS[arg.preset]
-  config = reproduce.get_config(f"{arg.preset},seed={arg.seed}")
-  # Where the main job keeps its checkpoints and results.json (reused here).
-  config.reproduce_workdir = config.workdir
-  config.workdir = "results/analysis" if arg.preset == "quick" else f"results/analysis-{arg.preset}"
+  # The main job's checkpoints and results.json are reused (config.reproduce_workdir).
+  config, p = reproduce.derived_config(arg, PRESETS, "analysis")
   if p["pair_only"]:
     pair = tuple(config.eval.disentangle_pairs[0])
     config.data.tasks = pair

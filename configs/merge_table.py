@@ -48,7 +48,6 @@ recorded in each row's hparams.
 """
 import ml_collections
 
-from configs import common
 from configs import reproduce
 
 # Subset sizes per task, data of the data-dependent methods, learned-method budget.
@@ -113,14 +112,8 @@ def _grids(p):
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, preset="quick", seed=0)
-  if arg.preset not in PRESETS:
-    raise ValueError(f"Unknown preset {arg.preset!r}; choose one of {sorted(PRESETS)}.")
-  p = PRESETS[arg.preset]
-  config = reproduce.get_config(f"{arg.preset},seed={arg.seed}")
-  # Where the main job keeps its checkpoints (reused here).
-  config.reproduce_workdir = config.workdir
-  config.workdir = "results/merge_table" if arg.preset == "quick" else f"results/merge_table-{arg.preset}"
+  # The main job's checkpoints are reused (config.reproduce_workdir).
+  config, p = reproduce.derived_config(arg, PRESETS, "merge_table")
   if p["tasks"]:
     config.data.tasks = tuple(config.data.tasks[:p["tasks"]])
 

@@ -87,6 +87,22 @@ def get_config(arg=None):
   return config
 
 
+def derived_config(arg, presets: dict, name: str):
+  """(config, preset values) of an experiment built on the main job's preset (same model,
+  tasks, data and fine-tuning recipe), reusing its checkpoints in `reproduce_workdir`.
+
+  `arg` is the experiment's config string (`preset,seed=...`); results go to
+  `results/<name>` (`results/<name>-<preset>` for presets other than quick).
+  """
+  arg = common.parse_arg(arg, preset="quick", seed=0)
+  if arg.preset not in presets:
+    raise ValueError(f"Unknown preset {arg.preset!r}; choose one of {sorted(presets)}.")
+  config = get_config(f"{arg.preset},seed={arg.seed}")
+  config.reproduce_workdir = config.workdir
+  config.workdir = f"results/{name}" if arg.preset == "quick" else f"results/{name}-{arg.preset}"
+  return config, presets[arg.preset]
+
+
 def get_sweep(h):
   """Learning rate x seed grid (Scenic-style; `h` is research.sweep).
 
