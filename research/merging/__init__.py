@@ -16,7 +16,10 @@ task_arithmetic, ties, dare, dare_ties, breadcrumbs, pcb, consensus,
 model_stock, lines, doge; fisher and regmean, whose data statistics come in
 as keyword arguments of ``init`` (``data_stats`` computes them); and the
 learned-coefficient adamerging_task, adamerging_layer, atlas and
-self_positioning, whose ``init`` trains with optax (``learned``).
+self_positioning, whose ``init`` trains with optax (``learned``); twin
+(a shared merge plus low-rank task residuals mixed per input by a router:
+``twin.route`` / ``twin.compose``); and lora_lego and scalearn, which read
+LoRA factors (``research.lora``).
 Combinators: ``chain``, ``masked``, ``identity``, ``scale``; stages for
 composition: ``trim``, ``disjoint_mean``, ``drop``, ``mask_tails``,
 ``layer_scaling`` (LiNeS, a post-transform for any merge). ``selection``
