@@ -12,9 +12,9 @@ from research import lora
 from research import sharding
 from research import task_vectors
 from research import train
+from tests import tiny_text
 from research.models import bert
 from research.models import heads
-from research.models import minilm
 
 CONFIG = bert.BertConfig(vocab_size=64, hidden=32, layers=2, heads=4, intermediate=64,
                          max_position=16)
@@ -28,14 +28,7 @@ N, L, C = 32, 8, 3
 
 @pytest.fixture(scope="module")
 def setup():
-  apply_fn, params0 = minilm.split_model(minilm.random_init(CONFIG, seed=0))
-  rng = np.random.default_rng(0)
-  ids = rng.integers(1, CONFIG.vocab_size, (N, L)).astype(np.int32)
-  mask = np.ones((N, L), np.int32)
-  mask[::3, L // 2:] = 0
-  labels = (ids[:, 0] % C).astype(np.int32)  # Learnable from the first token.
-  head = jax.random.normal(jax.random.key(1), (C, CONFIG.hidden))
-  return apply_fn, params0, head, {"input_ids": ids, "attention_mask": mask}, labels
+  return tiny_text.task(CONFIG, N, L, C)
 
 
 def _config(steps=12, every=4, **kw):

@@ -9,8 +9,8 @@ from jax.sharding import PartitionSpec as P
 
 from research import sharding
 from research import train
+from tests import tiny_text
 from research.models import bert
-from research.models import minilm
 
 # Every BERT parameter dimension named 'embed', 'mlp' or 'heads' may take the
 # fsdp axis (the first one that divides wins), so no leaf stays replicated.
@@ -23,14 +23,7 @@ N, L, C = 32, 8, 3
 
 @pytest.fixture(scope="module")
 def setup():
-  apply_fn, params0 = minilm.split_model(minilm.random_init(CONFIG, seed=0))
-  rng = np.random.default_rng(0)
-  ids = rng.integers(1, CONFIG.vocab_size, (N, L)).astype(np.int32)
-  mask = np.ones((N, L), np.int32)
-  mask[::3, L // 2:] = 0  # Some padding, so masking takes part.
-  labels = (ids[:, 0] % C).astype(np.int32)
-  head = jax.random.normal(jax.random.key(1), (C, CONFIG.hidden))
-  return apply_fn, params0, head, {"input_ids": ids, "attention_mask": mask}, labels
+  return tiny_text.task(CONFIG, N, L, C)
 
 
 def _config(steps=3, every=2):

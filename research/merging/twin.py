@@ -39,9 +39,9 @@ of ``stacked`` (the knowledge is in ``coeffs``) and is leaf-local, as is
 ``compose``. ``coeffs``: ``{"shared": tau_s, "residuals": r~, "router":
 {"params", "mean", "std"}}`` where a compressed leaf of ``r~`` is a
 ``LowRank(u [T, d_0, k], v [T, k, d_1])`` (u v = U_k S_k V_k^T; S_k sits in
-the factor on the longer side) and a dense one is ``[T, ...]``. ``densify(coeffs)`` expands the factors once, so
-that many ``compose`` calls cost one weighted sum each (T model-sized
-buffers instead of the factors).
+the factor on the longer side) and a dense one is ``[T, ...]``.
+``densify(coeffs)`` expands the factors once, so that many ``compose`` calls
+cost one weighted sum each (T model-sized buffers instead of the factors).
 
 Defaults follow the reference's discriminative (RoBERTa / GLUE) setup:
 shared expert = task arithmetic (its tuned lambda there is 0.29; 0.3 here),
@@ -243,7 +243,7 @@ def compose(coeffs: PyTree, weights: jax.Array) -> PyTree:
 
 
 def densify(coeffs: PyTree) -> PyTree:
-  """``coeffs`` with every low-rank residual expanded to dense [T, ...] (faster repeated compose)."""
+  """``coeffs`` with every low-rank residual expanded to dense [T, ...] (for repeated compose)."""
   residuals = jax.tree.map(_expand, coeffs["residuals"], coeffs["shared"], is_leaf=_is_lowrank)
   return {**coeffs, "residuals": residuals}
 
