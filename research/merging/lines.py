@@ -35,28 +35,15 @@ from research.merging import registry
 from research.merging import stacked as stacked_lib
 from research.merging.base import Merge
 from research.merging.registry import register
+from research.models.param_tree import leaf_name
 
 _LAYER_NAME = re.compile(
     r"^(?:layers?|blocks?|resblocks?|h|stages?|encoder_layers?|decoder_layers?)[_\-]?(\d+)$")
 
 
 def _key_names(path) -> list[str]:
-  names = []
-  for k in path:
-    if isinstance(k, jax.tree_util.SequenceKey):
-      names.append(str(k.idx))
-    elif isinstance(k, jax.tree_util.DictKey):
-      names.append(str(k.key))
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      names.append(k.name)
-    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-      names.append(str(k.key))
-    else:
-      names.append(str(k))
-  parts = []
-  for name in names:
-    parts += [p for p in re.split(r"[./]", name) if p]
-  return parts
+  """The parts of a key path's leaf name, with dotted / slashed keys split ("blocks.7" -> blocks, 7)."""
+  return [p for p in re.split(r"[./]", leaf_name(path)) if p]
 
 
 def depth_from_path(path) -> int | None:

@@ -70,6 +70,8 @@ def leaf_name(path: tuple[Any, ...]) -> str:
     elif isinstance(key, jax.tree_util.GetAttrKey):
       if key.name != "value":
         parts.append(key.name)
+    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+      parts.append(str(key.key))
     else:
       parts.append(str(key))
   return "/".join(parts)
